@@ -1,0 +1,10 @@
+"""ptdit: reference DiT, PixArt-alpha and PT-DiT built from one set of layers.
+
+    import ptdit
+    model = ptdit.build("PT-DiT/XL", device="meta")   # any named model, any device
+    ptdit.list_models()
+"""
+
+from .configs import DiTConfig, PixArtConfig, PTDiTConfig, build, get_config, list_models
+
+__all__ = ["DiTConfig", "PixArtConfig", "PTDiTConfig", "build", "get_config", "list_models"]

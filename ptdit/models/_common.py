@@ -1,0 +1,98 @@
+"""Input checks and latent-shape bookkeeping shared by the three models."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..configs import nearest_multiples
+
+VAE_SPATIAL = 8   # pixels per latent pixel (SD / PixArt / Open-Sora-Plan VAEs)
+VAE_TEMPORAL = 4  # pixel frames per latent frame (3-D VAEs)
+
+
+@dataclass(frozen=True)
+class LatentShape:
+    """A latent batch: image (B, C, H, W) or video (B, C, F, H, W), and its token grid."""
+
+    batch: int
+    channels: int
+    frames: int
+    height: int
+    width: int
+    patch_size: int
+    video: bool
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Token grid (F, H/p, W/p)."""
+        return (self.frames, self.height // self.patch_size, self.width // self.patch_size)
+
+    @property
+    def tokens(self) -> int:
+        F, h, w = self.grid
+        return F * h * w
+
+    def as_video(self, x: Tensor) -> Tensor:
+        return x if self.video else x.unsqueeze(2)
+
+    def restore(self, x: Tensor) -> Tensor:
+        """(B, C, F, H, W) -> the caller's layout."""
+        return x if self.video else x.squeeze(2)
+
+
+def parse_latent(x: Tensor, in_channels: int, patch_size: int,
+                 multiple: tuple[int, int, int]) -> LatentShape:
+    """Checks a latent batch; `multiple` = token-grid multiples (frames, rows, cols) required."""
+    if x.dim() not in (4, 5):
+        raise ValueError(f"latents must be (B, C, H, W) or (B, C, F, H, W), got shape "
+                         f"{tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"latents must be floating point, got {x.dtype}")
+    video = x.dim() == 5
+    B, C = x.shape[:2]
+    F = x.shape[2] if video else 1
+    H, W = x.shape[-2:]
+    if C != in_channels:
+        raise ValueError(f"latents have {C} channels; this model takes {in_channels}")
+    if B < 1:
+        raise ValueError("empty batch: latents must hold at least one sample")
+    for name, n, m in (("height", H, multiple[1]), ("width", W, multiple[2])):
+        step = patch_size * m
+        if n % step:
+            px = nearest_multiples(n, step)
+            raise ValueError(
+                f"latent {name} {n} ({n * VAE_SPATIAL} px) is not divisible by patch {patch_size}"
+                f" × window {m} = {step}; allowed: multiples of {step} latent pixels "
+                f"({step * VAE_SPATIAL} px); nearest valid: {px} latent pixels")
+    if F % multiple[0]:
+        raise ValueError(
+            f"{F} latent frames are not divisible by the temporal window {multiple[0]}; allowed: "
+            f"multiples of {multiple[0]}; nearest valid: {nearest_multiples(F, multiple[0])}")
+    return LatentShape(B, C, F, H, W, patch_size, video)
+
+
+def check_timesteps(t: Tensor, batch: int) -> Tensor:
+    """(B,) timesteps; a 0-d tensor is broadcast to the batch."""
+    if t.dim() == 0:
+        return t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"timesteps must have shape ({batch},) for a batch of {batch} "
+                         f"(or be a scalar), got {tuple(t.shape)}")
+    return t
+
+
+def check_text(text: Tensor, mask: Tensor | None, batch: int, channels: int) -> None:
+    """Caption features (B, L, channels) and an optional (B, L) keep-mask."""
+    if text.dim() != 3 or text.shape[0] != batch or text.shape[2] != channels:
+        raise ValueError(f"caption features must have shape ({batch}, L, {channels}) for a batch "
+                         f"of {batch}, got {tuple(text.shape)}")
+    if mask is not None and mask.shape != text.shape[:2]:
+        raise ValueError(f"text mask must have shape {tuple(text.shape[:2])} (batch, caption "
+                         f"tokens), got {tuple(mask.shape)}")
+
+
+def check_labels(y: Tensor, batch: int, num_classes: int) -> None:
+    if y.shape != (batch,) or y.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"class labels must be an int64 tensor of shape ({batch},), got "
+                         f"{y.dtype} {tuple(y.shape)}")

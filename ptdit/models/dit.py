@@ -1,0 +1,160 @@
+"""DiT: Scalable Diffusion Models with Transformers (Peebles & Xie, arXiv 2212.09748).
+
+Follows facebookresearch/DiT `models.py`: adaLN-Zero blocks, class conditioning with an extra
+null class for classifier-free guidance, learned sigma, frozen 2-D sin-cos positions kept as a
+(non-trainable) parameter, LayerNorm without affine at eps 1e-6. Parameter names are the
+official ones, so `DiT-XL-2-256x256.pt` loads with `load_state_dict` unchanged.
+
+Video latents (B, C, F, H, W) run as full spatio-temporal attention over all F·h·w tokens with a
+3-D sin-cos table (ptdit.layers.sincos_3d): the full-3D-attention baseline of video DiTs.
+"""
+
+import torch
+from torch import Tensor, nn
+
+from ..attention import Attention
+from ..configs import DiTConfig
+from ..layers import (LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate,
+                      position_table, unpatchify)
+from ._common import LatentShape, check_labels, check_timesteps, parse_latent
+
+
+#################################################################################
+#                                 Core DiT Model                                #
+#################################################################################
+
+class DiTBlock(nn.Module):
+    """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, kind="global", qkv_bias=True)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1))
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """The final layer of DiT: adaLN modulation, then a linear to p·p·C_out per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class DiT(nn.Module):
+    """Diffusion model with a Transformer backbone, class-conditional."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.in_channels = config.in_channels
+        self.out_channels = config.in_channels * 2 if config.learn_sigma else config.in_channels
+        self.patch_size = config.patch_size
+        self.num_heads = config.num_heads
+
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
+        grid = config.input_size // config.patch_size
+        # Frozen table for the configured image size, a parameter as in the official code (so
+        # checkpoints load unchanged and it counts in parameters()); other shapes compute theirs.
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, D), requires_grad=False)
+        self.blocks = nn.ModuleList(
+            [DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
+        self.final_layer = FinalLayer(D, config.patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # Initialize transformer layers:
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+        self.apply(_basic_init)
+
+        # Initialize (and freeze) pos_embed by sin-cos embedding:
+        grid = self.config.input_size // self.patch_size
+        table = position_table(self.config.hidden_size, None, grid, grid)
+        self.pos_embed.data.copy_(table[None].to(self.pos_embed.dtype))
+
+        # Initialize patch_embed like nn.Linear (instead of nn.Conv2d):
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+
+        # Initialize label embedding table:
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+
+        # Initialize timestep embedding MLP:
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        # Zero-out adaLN modulation layers in DiT blocks:
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+
+        # Zero-out output layers:
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def positions(self, shape: LatentShape) -> Tensor:
+        """(1, T, D) positions: the stored table for the configured image size, else computed."""
+        F, h, w = shape.grid
+        if not shape.video and h * w == self.pos_embed.shape[1] and h == w:
+            return self.pos_embed
+        table = position_table(self.config.hidden_size, F if shape.video else None, h, w,
+                               device=self.pos_embed.device)
+        return table[None].to(self.pos_embed.dtype)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """
+        x: (B, C, H, W) image latents or (B, C, F, H, W) video latents
+        t: (B,) diffusion timesteps (0..999)
+        y: (B,) class labels; `num_classes` is the null class
+        returns (B, 2C, H, W) or (B, 2C, F, H, W): noise and (learned) variance
+        """
+        shape = parse_latent(x, self.in_channels, self.patch_size, (1, 1, 1))
+        B = shape.batch
+        t = check_timesteps(t, B)
+        check_labels(y, B, self.config.num_classes)
+        x = self.x_embedder(shape.as_video(x)) + self.positions(shape)   # (B, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y)                      # (B, D)
+        for block in self.blocks:
+            x = block(x, c)                                              # (B, T, D)
+        x = self.final_layer(x, c)                                       # (B, T, p·p·2C)
+        x = unpatchify(x, shape.grid, self.patch_size, self.out_channels)  # (B, 2C, F, H, W)
+        return shape.restore(x)
+
+    def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float) -> Tensor:
+        """Forward pass with classifier-free guidance; x and y hold the conditional half first,
+        then the unconditional (null-class) half, as in the official sampler."""
+        half = x[: len(x) // 2]
+        combined = torch.cat([half, half], dim=0)
+        model_out = self.forward(combined, t, y)
+        # Guidance on the first three channels only, as the official code does "for exact
+        # reproducibility"; apply it to all in_channels for the FID-optimal variant.
+        eps, rest = model_out[:, :3], model_out[:, 3:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)

@@ -1,0 +1,133 @@
+"""PixArt-alpha: Fast Training of Diffusion Transformer for Photorealistic Text-to-Image
+Synthesis (Chen et al., arXiv 2310.00426).
+
+Follows PixArt-alpha/PixArt-alpha `diffusion/model/nets/PixArt.py`: adaLN-single (one shared
+timestep projection `t_block` to 6·D plus a learned 6×D table per block), gated self-attention,
+ungated cross-attention to T5 features through a caption-projection MLP, gated MLP, learned
+sigma. Parameter names are the official ones (they grew from DiT's code).
+
+Positions are computed for every input, as PixArtMS and diffusers do: coordinate i along an axis
+of n tokens is i / (n / base_size) / pos_interp_scale, base_size = input_size / patch_size.
+Video latents (B, C, F, H, W) get full spatio-temporal attention and 3-D positions.
+"""
+
+import torch
+from torch import Tensor, nn
+
+from ..attention import Attention, CrossAttention, text_bias
+from ..configs import PixArtConfig
+from ..layers import (CaptionEmbedder, Mlp, PatchEmbed, T2IFinalLayer, TimestepEmbedder,
+                      modulate, position_table, unpatchify)
+from ._common import check_text, check_timesteps, parse_latent
+
+
+#################################################################################
+#                                 Core PixArt Model                             #
+#################################################################################
+
+class PixArtBlock(nn.Module):
+    """A PixArt block: adaLN-single modulated self-attention, text cross-attention, MLP."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, kind="global", qkv_bias=True)
+        self.cross_attn = CrossAttention(hidden_size, num_heads, kind="text_cross")
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+
+    def forward(self, x: Tensor, y: Tensor, t: Tensor, y_bias: Tensor | None) -> Tensor:
+        """x (B, T, D), y (B, L, D) captions, t (B, 6·D), y_bias (B, 1, 1, L) or None."""
+        B, _, D = x.shape
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + t.reshape(B, 6, D)).chunk(6, dim=1)
+        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + self.cross_attn(x, y, y_bias)
+        x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class PixArt(nn.Module):
+    """Text-conditional diffusion transformer with adaLN-single."""
+
+    def __init__(self, config: PixArtConfig):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.in_channels = config.in_channels
+        self.out_channels = config.in_channels * 2 if config.learn_sigma else config.in_channels
+        self.patch_size = config.patch_size
+        self.base_size = config.input_size // config.patch_size
+
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D, bias=True))
+        self.y_embedder = CaptionEmbedder(config.caption_channels, D, config.class_dropout_prob,
+                                          null_tokens=config.model_max_length)
+        self.blocks = nn.ModuleList(
+            [PixArtBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
+        self.final_layer = T2IFinalLayer(D, config.patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        # Initialize transformer layers:
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+        self.apply(_basic_init)
+
+        # Initialize patch_embed like nn.Linear (instead of nn.Conv2d):
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+
+        # Initialize timestep embedding MLP, the shared adaLN projection and caption MLP:
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.t_block[1].weight, std=0.02)
+        nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
+
+        # Zero-out the cross-attention output projections:
+        for block in self.blocks:
+            nn.init.constant_(block.cross_attn.proj.weight, 0)
+            nn.init.constant_(block.cross_attn.proj.bias, 0)
+
+        # Zero-out output layers:
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def positions(self, grid: tuple[int, int, int], video: bool, like: Tensor) -> Tensor:
+        """(1, T, D) sin-cos table for a token grid, interpolated to the configured base size."""
+        F, h, w = grid
+        table = position_table(self.config.hidden_size, F if video else None, h, w,
+                               scale=self.config.pos_interp_scale, base_size=self.base_size,
+                               device=like.device)
+        return table[None].to(like.dtype)
+
+    def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None
+                ) -> Tensor:
+        """
+        x: (B, C, H, W) image latents or (B, C, F, H, W) video latents
+        t: (B,) diffusion timesteps (0..999)
+        text: (B, L, caption_channels) T5 features; text_mask: optional (B, L), 1 keeps a token
+        returns (B, 2C, H, W) or (B, 2C, F, H, W)
+        """
+        shape = parse_latent(x, self.in_channels, self.patch_size, (1, 1, 1))
+        B = shape.batch
+        t = check_timesteps(t, B)
+        check_text(text, text_mask, B, self.config.caption_channels)
+        x = self.x_embedder(shape.as_video(x))                          # (B, T, D)
+        x = x + self.positions(shape.grid, shape.video, x)
+        t = self.t_embedder(t)                                          # (B, D)
+        t0 = self.t_block(t)                                            # (B, 6·D)
+        y = self.y_embedder(text)                                       # (B, L, D)
+        y_bias = text_bias(text_mask, x.dtype)                          # (B, 1, 1, L)
+        for block in self.blocks:
+            x = block(x, y, t0, y_bias)                                 # (B, T, D)
+        x = self.final_layer(x, t)                                      # (B, T, p·p·2C)
+        x = unpatchify(x, shape.grid, self.patch_size, self.out_channels)
+        return shape.restore(x)
