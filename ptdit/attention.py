@@ -204,15 +204,13 @@ def _region_labels(n: int, c: int) -> Tensor:
     return labels
 
 
-@lru_cache(maxsize=16)
-def _shift_window_allowed(grid: tuple[int, int, int], window: tuple[int, int, int]) -> Tensor:
-    """(nW, N, N) bool on the CPU: True where query and key of a shifted window share a region."""
+@lru_cache(maxsize=32)
+def _shift_window_labels(grid: tuple[int, int, int], window: tuple[int, int, int]) -> Tensor:
+    """(nW, N) Swin region label of every token of every shifted window (rolled grid, CPU)."""
     lf, lh, lw = (_region_labels(n, c) for n, c in zip(grid, window))
-    label = (lf[:, None, None] * 9 + lh[None, :, None] * 3 + lw[None, None, :])  # (F, H, W)
-    label = window_partition(label[None, ..., None], window)[0, :, 0]           # (T,)
-    N = window[0] * window[1] * window[2]
-    label = label.reshape(-1, N)                                                # (nW, N)
-    return label[:, :, None] == label[:, None, :]
+    label = lf[:, None, None] * 9 + lh[None, :, None] * 3 + lw[None, None, :]   # (F, H, W)
+    label = window_partition(label[None, ..., None], window)                    # (1, T, 1)
+    return label.reshape(-1, window[0] * window[1] * window[2])
 
 
 def shift_window_bias(grid: tuple[int, int, int], window: tuple[int, int, int],
@@ -220,8 +218,10 @@ def shift_window_bias(grid: tuple[int, int, int], window: tuple[int, int, int],
     """Additive mask (nW, 1, N, N) for shifted-window attention on the rolled grid: 0 where query
     and key lie in the same Swin region, -10000 elsewhere. Depends only on (grid, window)."""
     _check_divides(grid, window)
-    allowed = _shift_window_allowed(tuple(grid), tuple(window))
+    N = window[0] * window[1] * window[2]
+    if torch.device(device).type == "meta":  # shapes only: skip building the mask on the CPU
+        return torch.empty(window_count(grid, window), 1, N, N, dtype=dtype, device=device)
+    label = _shift_window_labels(tuple(grid), tuple(window)).to(device)
+    allowed = label[:, :, None] == label[:, None, :]
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    if str(device) != "meta":
-        bias.masked_fill_(~allowed.to(device), MASK_VALUE)
-    return bias.unsqueeze(1)
+    return bias.masked_fill_(~allowed, MASK_VALUE).unsqueeze(1)

@@ -94,5 +94,8 @@ def check_text(text: Tensor, mask: Tensor | None, batch: int, channels: int) -> 
 
 def check_labels(y: Tensor, batch: int, num_classes: int) -> None:
     if y.shape != (batch,) or y.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"class labels must be an int64 tensor of shape ({batch},), got "
-                         f"{y.dtype} {tuple(y.shape)}")
+        raise ValueError(f"class labels must be an int64 tensor of shape ({batch},) for a batch "
+                         f"of {batch}, got {y.dtype} {tuple(y.shape)}")
+    if y.device.type != "meta" and ((y < 0) | (y > num_classes)).any():
+        raise ValueError(f"class labels must lie in 0..{num_classes} ({num_classes} is the null "
+                         f"class), got {sorted(set(y.tolist()))}")

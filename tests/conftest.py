@@ -1,0 +1,53 @@
+"""Shared test helpers: small random models, fresh random inputs."""
+
+import os
+
+import pytest
+import torch
+
+import ptdit
+
+
+def randomize(model: torch.nn.Module, std: float = 0.1, seed: int | None = None) -> torch.nn.Module:
+    """Redraws every parameter and floating buffer (zero-initialised layers would otherwise hide
+    whole branches): weights N(0, std), LayerNorm-free models so nothing else to keep."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        for p in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * std)
+    return model
+
+
+SMALL = {  # tiny configurations of each family, for CPU numerics
+    "DiT": ("DiT-S/2", dict(depth=2, hidden_size=64, num_heads=4)),
+    "PixArt": ("PixArt-XL/2", dict(depth=2, hidden_size=64, num_heads=4, caption_channels=24,
+                                   model_max_length=6)),
+    "PT-DiT": ("PT-DiT/XL", dict(depth=2, hidden_size=64, num_heads=4, caption_channels=24)),
+    "PT-DiT-class": ("PT-DiT/S-Class", dict(depth=2, hidden_size=64, num_heads=4,
+                                             num_classes=10)),
+}
+
+
+def small_model(family: str, dtype=torch.float64, **overrides) -> torch.nn.Module:
+    name, kwargs = SMALL[family]
+    model = ptdit.build(name, dtype=dtype, **{**kwargs, **overrides})
+    return randomize(model).eval()
+
+
+def condition(model: torch.nn.Module, batch: int, text_tokens: int = 6, dtype=torch.float64):
+    """Fresh random condition for `model`: class labels or (captions, keep-mask)."""
+    cfg = model.config
+    if cfg.family == "DiT" or getattr(cfg, "condition", "text") == "class":
+        return (torch.randint(0, cfg.num_classes, (batch,)),)
+    text = torch.randn(batch, text_tokens, cfg.caption_channels, dtype=dtype)
+    mask = (torch.rand(batch, text_tokens) < 0.7).to(torch.int64)
+    mask[:, 0] = 1  # every caption keeps at least one token
+    return text, mask
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    """Fresh random draws on every run; the seed is printed so a failure can be replayed."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    print(f"torch seed {seed}")

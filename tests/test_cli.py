@@ -1,0 +1,34 @@
+"""The `ptdit` command's model table."""
+
+import io
+import json
+from contextlib import redirect_stdout
+
+import ptdit
+from ptdit.cli import main
+
+
+def run(*argv):
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main(list(argv))
+    return code, out.getvalue()
+
+
+def test_models_lists_every_configuration_with_paper_params():
+    code, text = run("models", "--format", "json")
+    rows = {r["model"]: r for r in json.loads(text)}
+    assert code == 0 and list(rows) == ptdit.list_models()
+    assert rows["Qihoo-T2I-1B"]["params_m"] == 1131.629
+    assert rows["PT-DiT/H"]["paper_params_m"] == 1795.0
+    assert rows["PT-DiT/H"]["params_diff_pct"] == round(100 * (1890.739 / 1795 - 1), 2)
+    assert rows["DiT-XL/2"]["frozen_params_m"] == 0.295   # the frozen sin-cos table
+    assert rows["PT-DiT/XL"]["attention"].startswith("proxy self + proxy->token cross + window")
+    for r in rows.values():
+        assert {"depth", "width", "heads", "patch", "source"} <= set(r)
+
+
+def test_models_markdown_table():
+    code, text = run("models", "--format", "markdown")
+    assert code == 0 and text.startswith("| model")
+    assert text.count("\n") >= len(ptdit.list_models()) + 1

@@ -1,0 +1,304 @@
+"""The three models: parameter counts, official names, batch independence, shapes, bad input."""
+
+import json
+import pathlib
+
+import pytest
+import torch
+
+import ptdit
+from ptdit.attention import attention_modules, set_backend
+
+from conftest import condition, randomize, small_model
+
+REFERENCE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+# Parameters (M) of the official facebookresearch/DiT models, measured with its models.py
+# (baselines_and_tools.md §A.1; the frozen pos_embed counted, as the official code does).
+DIT_PARAMS_M = {
+    "DiT-S/8": 33.15, "DiT-S/4": 32.95, "DiT-S/2": 32.96, "DiT-B/8": 130.88, "DiT-B/4": 130.48,
+    "DiT-B/2": 130.51, "DiT-L/8": 458.59, "DiT-L/4": 458.05, "DiT-L/2": 458.10,
+    "DiT-XL/8": 675.68, "DiT-XL/4": 675.07, "DiT-XL/2": 675.13,
+}
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", DIT_PARAMS_M)
+def test_dit_parameters_match_official(name):
+    assert abs(n_params(ptdit.build(name, device="meta")) / 1e6 / DIT_PARAMS_M[name] - 1) < 5e-4
+
+
+def test_dit_frozen_position_table_is_a_parameter_as_in_the_official_code():
+    model = ptdit.build("DiT-XL/2", device="meta")
+    assert not model.pos_embed.requires_grad and model.pos_embed.shape == (1, 256, 1152)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert frozen == 256 * 1152
+    assert ptdit.build("DiT-XL/2", device="meta", input_size=64).pos_embed.shape[1] == 1024
+
+
+def test_pixart_parameters():
+    # measured on the official-structure PixArtTransformer2DModel (baselines_and_tools.md §A.2)
+    assert abs(n_params(ptdit.build("PixArt-XL/2", device="meta")) / 1e6 / 610.9 - 1) < 1e-4
+
+
+def test_qihoo_1b_matches_the_release_exactly():
+    release = json.loads((REFERENCE / "official_ptdit_1b_keys.json").read_text())
+    model = ptdit.build("Qihoo-T2I-1B", device="meta")
+    assert n_params(model) == release["total_parameters"] == 1_131_629_216
+    ours_per_module = {  # release submodule -> ours (names differ; the interop maps keys)
+        "scale_shift_table": "scale_shift_table", "proxy_scale_shift_table":
+        "shift_scale_shift_table", "proxy_attn1": "proxy_attn", "attn1": "attn",
+        "pvisual_attn2": "proxy_cross_attn", "attn2": "cross_attn", "attn3": "shift_attn",
+        "linear_2": "shift_out", "ff": "mlp", "linear_1_visual": "proxy_out"}
+    block = model.blocks[0]
+    for theirs, count in release["parameters_per_transformer_block_by_submodule"].items():
+        part = getattr(block, ours_per_module[theirs])
+        got = part.numel() if isinstance(part, torch.nn.Parameter) else n_params(part)
+        assert got == count, theirs
+    assert n_params(block) == release["parameters_per_transformer_block"]
+    top = release["parameters_by_top_level_module"]
+    assert n_params(model.x_embedder) == top["pos_embed"]
+    assert n_params(model.t_embedder) + n_params(model.t_block) == top["adaln_single"]
+    assert n_params(model.y_embedder) == top["caption_projection"]
+    assert n_params(model.final_layer) == top["proj_out"] + top["scale_shift_table"]
+
+
+def test_ptdit_xl_within_one_percent_of_table_4_and_others_shown_beside_it():
+    assert abs(n_params(ptdit.build("PT-DiT/XL", device="meta")) / 1142e6 - 1) < 0.01
+    for name, ours in (("PT-DiT/B", 153.8), ("PT-DiT/L", 637.7), ("PT-DiT/H", 1890.7)):
+        row = ptdit.configs.describe(name)   # the released block at Table 4's widths
+        assert abs(row["params_m"] - ours) < 0.1
+        assert row["params_diff_pct"] == pytest.approx(
+            100 * (row["params_m"] / row["paper_params_m"] - 1), abs=0.01)
+
+
+def test_official_dit_parameter_names():
+    names = set(ptdit.build("DiT-S/8", device="meta", depth=1).state_dict())
+    expected = {"pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias",
+                "y_embedder.embedding_table.weight", "final_layer.linear.weight",
+                "final_layer.linear.bias", "final_layer.adaLN_modulation.1.weight",
+                "final_layer.adaLN_modulation.1.bias"}
+    expected |= {f"t_embedder.mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    expected |= {f"blocks.0.{m}.{p}" for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2",
+                                               "adaLN_modulation.1") for p in ("weight", "bias")}
+    assert names == expected
+
+
+def test_official_pixart_parameter_names():
+    names = set(ptdit.build("PixArt-XL/2", device="meta", depth=1).state_dict())
+    expected = {"x_embedder.proj.weight", "x_embedder.proj.bias", "t_block.1.weight",
+                "t_block.1.bias", "y_embedder.y_embedding", "final_layer.linear.weight",
+                "final_layer.linear.bias", "final_layer.scale_shift_table",
+                "blocks.0.scale_shift_table"}
+    expected |= {f"t_embedder.mlp.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    expected |= {f"y_embedder.y_proj.{m}.{p}" for m in ("fc1", "fc2") for p in ("weight", "bias")}
+    expected |= {f"blocks.0.{m}.{p}" for m in (
+        "attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj",
+        "mlp.fc1", "mlp.fc2") for p in ("weight", "bias")}
+    assert names == expected
+
+
+def test_layer_norms_have_no_affine_and_eps_1e6():
+    for name in ("DiT-S/8", "PixArt-XL/2", "PT-DiT/B"):
+        norms = [m for m in ptdit.build(name, device="meta").modules()
+                 if isinstance(m, torch.nn.LayerNorm)]
+        assert norms and all(not m.elementwise_affine and m.eps == 1e-6 for m in norms)
+
+
+@pytest.mark.parametrize("family", ["DiT", "PixArt", "PT-DiT", "PT-DiT-class"])
+@pytest.mark.parametrize("video", [False, True])
+def test_batch_equals_samples_one_at_a_time(family, video):
+    """Different timesteps and conditions per sample: no sample leaks into another (the
+    released PT-DiT mixes samples' modulation here; ours must not)."""
+    model = small_model(family)
+    shape = (2, 4, 8, 16, 16) if video else (2, 4, 16, 32)
+    x = torch.randn(*shape, dtype=torch.float64)
+    t = torch.tensor([17.0, 801.0], dtype=torch.float64)
+    cond = condition(model, 2)
+    with torch.no_grad():
+        batched = model(x, t, *cond)
+        for i in range(2):
+            single = model(x[i:i + 1], t[i:i + 1], *(c[i:i + 1] for c in cond))
+            assert (batched[i:i + 1] - single).abs().max() <= 1e-10
+    assert batched.shape == (shape[0], 8, *shape[2:])
+    assert batched.std() > 1e-3  # the random weights make every branch contribute
+
+
+def test_zero_initialised_proxy_and_shift_projections_change_nothing():
+    """With proxy_out and shift_out at zero (their init), the GIIM and shifted-window branches
+    are exactly the identity: equal to the model built without them."""
+    full = small_model("PT-DiT")
+    for block in full.blocks:
+        for layer in (block.proxy_out, block.shift_out):
+            torch.nn.init.zeros_(layer.weight)
+            torch.nn.init.zeros_(layer.bias)
+    bare = ptdit.build("PT-DiT/XL", dtype=torch.float64, giim=False, shift_window=False,
+                       **{k: v for k, v in __import__("conftest").SMALL["PT-DiT"][1].items()})
+    missing, unexpected = bare.load_state_dict(full.state_dict(), strict=False)
+    assert not missing and unexpected  # bare lacks exactly the branch weights
+    x = torch.randn(2, 4, 32, 32, dtype=torch.float64)
+    t = torch.rand(2, dtype=torch.float64) * 1000
+    cond = condition(full, 2)
+    with torch.no_grad():
+        assert torch.equal(full(x, t, *cond), bare(x, t, *cond))
+        randomize(full.blocks[0].shift_out)  # and the branch does act once trained
+        assert (full(x, t, *cond) - bare(x, t, *cond)).abs().max() > 1e-6
+
+
+def test_new_ptdit_has_identity_branches_at_init():
+    model = ptdit.build("PT-DiT/B", device="meta")
+    for block in model.blocks:
+        assert block.proxy_out.weight.shape == block.shift_out.weight.shape == (640, 640)
+    cpu = ptdit.build("PT-DiT/S-Class", depth=1)
+    assert cpu.blocks[0].proxy_out.weight.abs().max() == 0
+    assert cpu.blocks[0].shift_out.bias.abs().max() == 0
+
+
+@pytest.mark.parametrize("family", ["DiT", "PixArt", "PT-DiT"])
+def test_math_backend_matches_sdpa_in_whole_models(family):
+    model = small_model(family)
+    x = torch.randn(2, 4, 16, 16, dtype=torch.float64)
+    t = torch.rand(2, dtype=torch.float64) * 1000
+    cond = condition(model, 2)
+    with torch.no_grad():
+        ref = model(x, t, *cond)
+        set_backend(model, "math")
+        kinds = []
+        for m in attention_modules(model).values():
+            m.observer = lambda mod, probs: kinds.append(mod.kind)
+        assert (model(x, t, *cond) - ref).abs().max() <= 1e-10
+    expected = {"DiT": {"global"}, "PixArt": {"global", "text_cross"},
+                "PT-DiT": {"proxy", "proxy_cross", "window", "shift_window", "text_cross"}}
+    assert set(kinds) == expected[family]
+
+
+def meta_inputs(model, shape):
+    x = torch.empty(shape, device="meta")
+    t = torch.empty(shape[0], device="meta")
+    cfg = model.config
+    if cfg.family == "DiT" or getattr(cfg, "condition", "text") == "class":
+        return x, t, torch.zeros(shape[0], dtype=torch.int64, device="meta")
+    return x, t, torch.empty(shape[0], 120, cfg.caption_channels, device="meta")
+
+
+@pytest.mark.parametrize("name", ptdit.list_models())
+def test_every_model_runs_on_meta_at_256_to_2048_px(name):
+    model = ptdit.build(name, device="meta")
+    for px in (256, 512, 1024, 2048):
+        out = model(*meta_inputs(model, (1, 4, px // 8, px // 8)))
+        assert out.shape == (1, 8, px // 8, px // 8)
+
+
+@pytest.mark.parametrize("name", ["DiT-XL/2", "PixArt-XL/2", "PT-DiT/XL", "PT-DiT/H"])
+@pytest.mark.parametrize("frames,px", [(4, 256), (16, 512), (48, 256), (48, 1024)])
+def test_video_shapes_on_meta(name, frames, px):
+    model = ptdit.build(name, device="meta")
+    out = model(*meta_inputs(model, (1, 4, frames, px // 8, px // 8)))
+    assert out.shape == (1, 8, frames, px // 8, px // 8)
+
+
+@pytest.mark.parametrize("name", ["DiT-S/2", "DiT-S/4", "DiT-S/8", "PT-DiT/S-Class"])
+def test_small_named_models_run_on_cpu(name):
+    model = ptdit.build(name).eval()
+    randomize(model, std=0.02)
+    x = torch.randn(2, 4, 32, 32)
+    with torch.no_grad():
+        out = model(x, torch.tensor([3.0, 999.0]), torch.randint(0, 1000, (2,)))
+    assert out.shape == (2, 8, 32, 32) and torch.isfinite(out).all()
+
+
+def test_ptdit_b_text_model_runs_on_cpu():
+    model = randomize(ptdit.build("PT-DiT/B", depth=2).eval(), std=0.02)
+    x = torch.randn(1, 4, 4, 32, 32)
+    with torch.no_grad():
+        out = model(x, torch.tensor([500.0]), torch.randn(1, 120, 4096), torch.ones(1, 120))
+    assert out.shape == (1, 8, 4, 32, 32) and torch.isfinite(out).all()
+
+
+def test_window_schedule_follows_the_paper():
+    cfg = ptdit.get_config("PT-DiT/XL")
+    for px, window in ((256, (1, 2, 2)), (512, (1, 4, 4)), (1024, (1, 8, 8)),
+                       (2048, (1, 16, 16))):
+        assert cfg.window_for((1, px // 16, px // 16)) == window
+    assert cfg.window_for((48, 32, 32)) == (4, 4, 4)
+    assert cfg.window_for((1, 32, 64)) == (1, 4, 8)            # non-square: 8x8 windows
+    assert ptdit.get_config("Qihoo-T2I-1B").window_for((1, 16, 16)) == (1, 8, 8)
+    assert ptdit.get_config("PT-DiT/XL", window=(2, 4, 4)).window_for((8, 64, 64)) == (2, 4, 4)
+
+
+def test_explicit_window_overrides_the_schedule():
+    model = small_model("PT-DiT", window=(1, 4, 2))
+    x = torch.randn(1, 4, 16, 16, dtype=torch.float64)
+    cond = condition(model, 1)
+    out = model(x, torch.tensor([10.0], dtype=torch.float64), *cond)
+    ref = small_model("PT-DiT")
+    ref.load_state_dict(model.state_dict())
+    assert (out - ref(x, torch.tensor([10.0], dtype=torch.float64), *cond)).abs().max() > 1e-8
+
+
+def test_four_and_five_dimensional_images_agree():
+    model = small_model("PT-DiT")
+    x = torch.randn(1, 4, 16, 16, dtype=torch.float64)
+    t = torch.tensor([250.0], dtype=torch.float64)
+    cond = condition(model, 1)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, *cond), model(x[:, :, None], t, *cond)[:, :, 0])
+
+
+# ---------------------------------------------------------------------- bad input ---------
+
+def test_unknown_model_names_the_nearest():
+    with pytest.raises(ValueError, match=r"unknown model 'DiT-XL2'.*nearest: DiT-XL/2"):
+        ptdit.build("DiT-XL2")
+    with pytest.raises(ValueError, match=r"has no option\(s\) widht; allowed: .*hidden_size"):
+        ptdit.build("DiT-S/2", device="meta", widht=3)
+
+
+def test_several_proxies_per_window_are_refused():
+    with pytest.raises(ValueError, match=r"proxies_per_window=4 is not supported.*Allowed: 1"):
+        ptdit.build("PT-DiT/XL", device="meta", proxies_per_window=4)
+
+
+@pytest.mark.parametrize("name,hw,match", [
+    ("DiT-XL/2", (33, 32), r"latent height 33 \(264 px\) is not divisible by patch 2.*nearest "
+                           r"valid: 32 or 34"),
+    ("DiT-S/8", (32, 20), r"latent width 20 .*multiples of 8 latent pixels.*nearest valid: 16 "
+                          r"or 24"),
+    ("PT-DiT/XL", (40, 40), r"token height 20 does not split into the schedule's 8 windows.*"
+                            r"nearest valid: 16 or 24 tokens"),
+    ("Qihoo-T2I-1B", (32, 40), r"latent width 40 .* patch 2 × window 8 = 16.*nearest valid: "
+                               r"32 or 48"),
+])
+def test_resolution_the_grid_does_not_divide(name, hw, match):
+    model = ptdit.build(name, device="meta")
+    with pytest.raises(ValueError, match=match):
+        model(*meta_inputs(model, (1, 4, *hw)))
+
+
+def test_frames_the_temporal_window_does_not_divide():
+    model = ptdit.build("PT-DiT/XL", device="meta")
+    with pytest.raises(ValueError, match=r"6 latent frames are not divisible by the temporal "
+                                         r"window 4.*nearest valid: 4 or 8"):
+        model(*meta_inputs(model, (1, 4, 6, 32, 32)))
+
+
+@pytest.mark.parametrize("family", ["DiT", "PixArt", "PT-DiT", "PT-DiT-class"])
+def test_batch_and_condition_mismatches(family):
+    model = small_model(family)
+    x = torch.randn(2, 4, 16, 16, dtype=torch.float64)
+    t = torch.rand(2, dtype=torch.float64)
+    cond = condition(model, 2)
+    with pytest.raises(ValueError, match=r"timesteps must have shape \(2,\)"):
+        model(x, t[:1], *cond)
+    with pytest.raises(ValueError, match=r"for a batch of 2"):
+        model(x, t, *(c[:1] for c in cond))
+    with pytest.raises(ValueError, match=r"latents have 3 channels; this model takes 4"):
+        model(x[:, :3], t, *cond)
+    if len(cond) == 2:
+        with pytest.raises(ValueError, match=r"text mask must have shape \(2, 6\)"):
+            model(x, t, cond[0], cond[1][:, :5])
+        with pytest.raises(ValueError, match=r"caption features must have shape \(2, L, 24\)"):
+            model(x, t, cond[0][..., :20], cond[1])
