@@ -26,6 +26,12 @@ class DiTConfig:
     num_classes: int = 1000
     class_dropout_prob: float = 0.1
     learn_sigma: bool = True
+    # eps of each block's MLP-branch LayerNorm (norm2): the one LayerNorm diffusers' DiT
+    # `norm_eps` sets (default 1e-5 there); norm1 and the final norm are 1e-6 in both codes.
+    norm_eps: float = 1e-6
+    # Timestep frequencies max_period^(-i/(128 - freq_shift)): 0 in the official DiT, 1 in
+    # diffusers' DiTTransformer2DModel (downscale_freq_shift=1, hard-coded there).
+    freq_shift: int = 0
     source: str = "DiT, arXiv 2212.09748"
     paper_params_m: float | None = None
 
@@ -49,6 +55,11 @@ class PixArtConfig:
     class_dropout_prob: float = 0.1
     learn_sigma: bool = True
     pos_interp_scale: float = 1.0   # PixArt's lewei_scale / diffusers' interpolation_scale
+    norm_eps: float = 1e-6          # eps of the blocks' LayerNorms (diffusers' `norm_eps`)
+    # PixArtMS micro-conditioning (the 1024-MS release): `csize_embedder` and `ar_embedder`
+    # embed the image size (height, width) and aspect ratio, D/3 per scalar, added to t.
+    micro_condition: bool = False
+    null_caption: bool = True       # learned null caption `y_embedding` (diffusers drops it)
     source: str = "PixArt-α, arXiv 2310.00426"
     paper_params_m: float | None = None
 
@@ -56,6 +67,13 @@ class PixArtConfig:
 
     def attention_layout(self) -> str:
         return "global self-attention + text cross-attention"
+
+    def __post_init__(self):
+        if self.micro_condition and self.hidden_size % 3:
+            raise ValueError(
+                f"micro_condition needs a width divisible by 3 (size and aspect-ratio embedders "
+                f"are D/3 wide each), got {self.hidden_size}; nearest valid: "
+                f"{nearest_multiples(self.hidden_size, 3)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,8 +226,14 @@ def model_class(config) -> type[nn.Module]:
 def build(name: str, device=None, dtype: torch.dtype | None = None, **overrides) -> nn.Module:
     """Builds a named model. `device="meta"` allocates nothing (for counting, any size)."""
     config = get_config(name, **overrides)
-    with torch.device(device or "cpu"):
-        model = model_class(config)(config)
+    previous = torch.get_default_dtype()
+    try:  # float64 models are built in float64, so fixed tables are not float32-rounded
+        if dtype == torch.float64:
+            torch.set_default_dtype(torch.float64)
+        with torch.device(device or "cpu"):
+            model = model_class(config)(config)
+    finally:
+        torch.set_default_dtype(previous)
     if dtype is not None:
         model = model.to(dtype)
     model.name = name

@@ -43,15 +43,18 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2).reshape(B, -1, x.shape[1])
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal timestep features [cos(t·f), sin(t·f)], f_i = max_period^(-i/(dim/2)) (GLIDE).
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0,
+                       freq_shift: int = 0) -> Tensor:
+    """Sinusoidal timestep features [cos(t·f), sin(t·f)], f_i = max_period^(-i/(dim/2 - shift))
+    (GLIDE; shift 0, diffusers' DiT uses 1).
 
-    Computed in at least float32 whatever the model dtype, as the official codes do.
+    Computed in float32, as the official codes do, or in float64 for float64 inputs.
     """
     half = dim // 2
     dtype = compute_dtype(t.dtype if t.is_floating_point() else torch.float32)
     freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half
+        -math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device)
+        / (half - freq_shift)
     )
     args = t.to(dtype)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
@@ -60,9 +63,10 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 class TimestepEmbedder(nn.Module):
     """Embeds scalar timesteps (0..1000 scale) into D-dim vectors: sinusoid -> MLP."""
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: int = 0):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = freq_shift
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size, bias=True),
             nn.SiLU(),
@@ -72,8 +76,17 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t: Tensor) -> Tensor:
         """(B,) -> (B, D)."""
         dtype = self.mlp[0].weight.dtype
-        t_freq = timestep_embedding(t.to(compute_dtype(dtype)), self.frequency_embedding_size)
+        t_freq = timestep_embedding(t.to(compute_dtype(dtype)), self.frequency_embedding_size,
+                                    freq_shift=self.freq_shift)
         return self.mlp(t_freq.to(dtype))
+
+
+class SizeEmbedder(TimestepEmbedder):
+    """PixArtMS's size embedder: each of S scalars (image height, width or aspect ratio) through
+    the timestep embedder, concatenated: (B, S) -> (B, S·D)."""
+
+    def forward(self, s: Tensor) -> Tensor:
+        return super().forward(s.flatten()).reshape(s.shape[0], -1)
 
 
 class LabelEmbedder(nn.Module):
@@ -199,8 +212,10 @@ def position_table(dim: int, frames: int | None, height: int, width: int, *, sca
     (PixArt-alpha's interpolation; base_size=None means n, i.e. plain i / scale).
     """
     def axis(n: int) -> Tensor:
-        i = torch.arange(n, dtype=torch.float64, device=device)
-        return i / (n / (base_size or n)) / scale
+        # float32 coordinates, as the official codes (numpy float32 grids) and diffusers compute
+        # them; the sines and cosines are then taken in float64.
+        i = torch.arange(n, dtype=torch.float32, device=device)
+        return (i / (n / (base_size or n)) / scale).to(torch.float64)
 
     if frames is None:
         return sincos_2d(dim, axis(height), axis(width))

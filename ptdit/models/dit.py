@@ -2,7 +2,8 @@
 
 Follows facebookresearch/DiT `models.py`: adaLN-Zero blocks, class conditioning with an extra
 null class for classifier-free guidance, learned sigma, frozen 2-D sin-cos positions kept as a
-(non-trainable) parameter, LayerNorm without affine at eps 1e-6. Parameter names are the
+(non-trainable) parameter, LayerNorm without affine at eps 1e-6 (`norm_eps` sets the MLP-branch
+norm's, for diffusers' DiT). Parameter names are the
 official ones, so `DiT-XL-2-256x256.pt` loads with `load_state_dict` unchanged.
 
 Video latents (B, C, F, H, W) run as full spatio-temporal attention over all F·h·w tokens with a
@@ -26,11 +27,12 @@ from ._common import LatentShape, check_labels, check_timesteps, parse_latent
 class DiTBlock(nn.Module):
     """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
+                 norm_eps: float = 1e-6):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, kind="global", qkv_bias=True)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
@@ -69,14 +71,15 @@ class DiT(nn.Module):
         self.num_heads = config.num_heads
 
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
-        self.t_embedder = TimestepEmbedder(D)
+        self.t_embedder = TimestepEmbedder(D, freq_shift=config.freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
         grid = config.input_size // config.patch_size
         # Frozen table for the configured image size, a parameter as in the official code (so
         # checkpoints load unchanged and it counts in parameters()); other shapes compute theirs.
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, D), requires_grad=False)
         self.blocks = nn.ModuleList(
-            [DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
+            [DiTBlock(D, config.num_heads, config.mlp_ratio, config.norm_eps)
+             for _ in range(config.depth)])
         self.final_layer = FinalLayer(D, config.patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -118,12 +121,15 @@ class DiT(nn.Module):
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
     def positions(self, shape: LatentShape) -> Tensor:
-        """(1, T, D) positions: the stored table for the configured image size, else computed."""
+        """(1, T, D) positions: the stored table for the configured image size, else computed on
+        coordinates interpolated to the configured grid, as diffusers' DiT does (the official
+        code supports the configured size only)."""
         F, h, w = shape.grid
-        if not shape.video and h * w == self.pos_embed.shape[1] and h == w:
+        base = self.config.input_size // self.patch_size
+        if not shape.video and h == w == base:
             return self.pos_embed
         table = position_table(self.config.hidden_size, F if shape.video else None, h, w,
-                               device=self.pos_embed.device)
+                               base_size=base, device=self.pos_embed.device)
         return table[None].to(self.pos_embed.dtype)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:

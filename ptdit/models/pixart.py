@@ -8,6 +8,8 @@ sigma. Parameter names are the official ones (they grew from DiT's code).
 
 Positions are computed for every input, as PixArtMS and diffusers do: coordinate i along an axis
 of n tokens is i / (n / base_size) / pos_interp_scale, base_size = input_size / patch_size.
+With `micro_condition` (PixArtMS, `PixArtMS.py`) the image size and aspect ratio are embedded like
+timesteps (`csize_embedder`, `ar_embedder`, D/3 per scalar) and added to the embedded timestep.
 Video latents (B, C, F, H, W) get full spatio-temporal attention and 3-D positions.
 """
 
@@ -16,8 +18,8 @@ from torch import Tensor, nn
 
 from ..attention import Attention, CrossAttention, text_bias
 from ..configs import PixArtConfig
-from ..layers import (CaptionEmbedder, Mlp, PatchEmbed, T2IFinalLayer, TimestepEmbedder,
-                      modulate, position_table, unpatchify)
+from ..layers import (CaptionEmbedder, Mlp, PatchEmbed, SizeEmbedder, T2IFinalLayer,
+                      TimestepEmbedder, modulate, position_table, unpatchify)
 from ._common import check_text, check_timesteps, parse_latent
 
 
@@ -28,12 +30,13 @@ from ._common import check_text, check_timesteps, parse_latent
 class PixArtBlock(nn.Module):
     """A PixArt block: adaLN-single modulated self-attention, text cross-attention, MLP."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0,
+                 norm_eps: float = 1e-6):
         super().__init__()
-        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
         self.attn = Attention(hidden_size, num_heads, kind="global", qkv_bias=True)
         self.cross_attn = CrossAttention(hidden_size, num_heads, kind="text_cross")
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=norm_eps)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
 
@@ -62,11 +65,16 @@ class PixArt(nn.Module):
 
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
+        if config.micro_condition:
+            self.csize_embedder = SizeEmbedder(D // 3)   # (height, width) -> 2·D/3
+            self.ar_embedder = SizeEmbedder(D // 3)      # aspect ratio -> D/3
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D, bias=True))
+        null_tokens = config.model_max_length if config.null_caption else 0
         self.y_embedder = CaptionEmbedder(config.caption_channels, D, config.class_dropout_prob,
-                                          null_tokens=config.model_max_length)
+                                          null_tokens=null_tokens)
         self.blocks = nn.ModuleList(
-            [PixArtBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth)])
+            [PixArtBlock(D, config.num_heads, config.mlp_ratio, config.norm_eps)
+             for _ in range(config.depth)])
         self.final_layer = T2IFinalLayer(D, config.patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -88,6 +96,10 @@ class PixArt(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         nn.init.normal_(self.t_block[1].weight, std=0.02)
+        if self.config.micro_condition:
+            for embedder in (self.csize_embedder, self.ar_embedder):
+                nn.init.normal_(embedder.mlp[0].weight, std=0.02)
+                nn.init.normal_(embedder.mlp[2].weight, std=0.02)
         nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
         nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
 
@@ -108,12 +120,36 @@ class PixArt(nn.Module):
                                device=like.device)
         return table[None].to(like.dtype)
 
-    def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None
-                ) -> Tensor:
+    def size_condition(self, resolution: Tensor | None, aspect_ratio: Tensor | None,
+                       batch: int) -> Tensor | None:
+        """(B, D) PixArtMS size embedding [csize(height, width), ar(aspect ratio)], or None."""
+        if not self.config.micro_condition:
+            if resolution is not None or aspect_ratio is not None:
+                raise ValueError("this model has no size/aspect-ratio embedders "
+                                 "(micro_condition=False): pass neither resolution nor "
+                                 "aspect_ratio")
+            return None
+        if resolution is None or aspect_ratio is None:
+            raise ValueError(
+                "this model is micro-conditioned (PixArtMS, micro_condition=True): pass "
+                "resolution=(B, 2) image (height, width) in pixels and aspect_ratio=(B, 1) "
+                "height/width, as PixArt-alpha's data_info img_hw / aspect_ratio")
+        if aspect_ratio.dim() == 1:
+            aspect_ratio = aspect_ratio[:, None]
+        if resolution.shape != (batch, 2) or aspect_ratio.shape != (batch, 1):
+            raise ValueError(f"resolution must be ({batch}, 2) and aspect_ratio ({batch}, 1) or "
+                             f"({batch},) for a batch of {batch}, got {tuple(resolution.shape)} "
+                             f"and {tuple(aspect_ratio.shape)}")
+        return torch.cat([self.csize_embedder(resolution), self.ar_embedder(aspect_ratio)], dim=1)
+
+    def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None,
+                resolution: Tensor | None = None, aspect_ratio: Tensor | None = None) -> Tensor:
         """
         x: (B, C, H, W) image latents or (B, C, F, H, W) video latents
         t: (B,) diffusion timesteps (0..999)
         text: (B, L, caption_channels) T5 features; text_mask: optional (B, L), 1 keeps a token
+        resolution: (B, 2) image (height, width) in pixels, aspect_ratio: (B, 1) height/width;
+            required with micro_condition, refused without
         returns (B, 2C, H, W) or (B, 2C, F, H, W)
         """
         shape = parse_latent(x, self.in_channels, self.patch_size, (1, 1, 1))
@@ -123,6 +159,9 @@ class PixArt(nn.Module):
         x = self.x_embedder(shape.as_video(x))                          # (B, T, D)
         x = x + self.positions(shape.grid, shape.video, x)
         t = self.t_embedder(t)                                          # (B, D)
+        size = self.size_condition(resolution, aspect_ratio, B)         # (B, D) or None
+        if size is not None:
+            t = t + size
         t0 = self.t_block(t)                                            # (B, 6·D)
         y = self.y_embedder(text)                                       # (B, L, D)
         y_bias = text_bias(text_mask, x.dtype)                          # (B, 1, 1, L)
