@@ -298,7 +298,14 @@ def test_batch_and_condition_mismatches(family):
         model(x, t, *(c[:1] for c in cond))
     with pytest.raises(ValueError, match=r"latents have 3 channels; this model takes 4"):
         model(x[:, :3], t, *cond)
+    with pytest.raises(ValueError, match=r"latents are torch.float32 but the model is "
+                                         r"torch.float64; cast them with .to\(torch.float64\)"):
+        model(x.float(), t, *cond)
     if len(cond) == 2:
+        with pytest.raises(ValueError, match=r"caption features are torch.float32"):
+            model(x, t, cond[0].float(), cond[1])
+        with torch.no_grad():   # PixArt's (B, 1, L, C) caption layout is accepted too
+            assert torch.equal(model(x, t, cond[0][:, None], cond[1]), model(x, t, *cond))
         with pytest.raises(ValueError, match=r"text mask must have shape \(2, 6\)"):
             model(x, t, cond[0], cond[1][:, :5])
         with pytest.raises(ValueError, match=r"caption features must have shape \(2, L, 24\)"):

@@ -206,9 +206,12 @@ def _diffusers_pixart_keys(depth: int, micro_condition: bool) -> set[str]:
 def _detect_diffusers_pixart(state_dict: Mapping[str, Tensor], config: dict | None) -> bool:
     if config is not None and config.get("_class_name") not in _DIFFUSERS_PIXART_CLASSES + (None,):
         return False
+    keys = set(state_dict)
+    if "transformer_blocks.0.proxy_attn1.to_q.weight" in keys:  # the PT-DiT release grew from
+        return False                                              # these keys: not PixArt
     return {"adaln_single.linear.weight", "caption_projection.linear_1.weight", "proj_out.weight",
             "transformer_blocks.0.scale_shift_table",
-            "transformer_blocks.0.attn2.to_q.weight"} <= set(state_dict)
+            "transformer_blocks.0.attn2.to_q.weight"} <= keys
 
 
 def _diffusers_pixart_to_ptdit(state_dict: Mapping[str, Tensor], config: dict | None

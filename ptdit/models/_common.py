@@ -41,14 +41,20 @@ class LatentShape:
         return x if self.video else x.squeeze(2)
 
 
-def parse_latent(x: Tensor, in_channels: int, patch_size: int,
-                 multiple: tuple[int, int, int]) -> LatentShape:
-    """Checks a latent batch; `multiple` = token-grid multiples (frames, rows, cols) required."""
+def check_dtype(what: str, x: Tensor, dtype: torch.dtype) -> None:
+    if x.dtype != dtype:
+        raise ValueError(f"{what} are {x.dtype} but the model is {dtype}; cast them with "
+                         f".to({dtype})")
+
+
+def parse_latent(x: Tensor, in_channels: int, patch_size: int, multiple: tuple[int, int, int],
+                 dtype: torch.dtype) -> LatentShape:
+    """Checks a latent batch; `multiple` = token-grid multiples (frames, rows, cols) required,
+    `dtype` the model's."""
     if x.dim() not in (4, 5):
         raise ValueError(f"latents must be (B, C, H, W) or (B, C, F, H, W), got shape "
                          f"{tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"latents must be floating point, got {x.dtype}")
+    check_dtype("latents", x, dtype)
     video = x.dim() == 5
     B, C = x.shape[:2]
     F = x.shape[2] if video else 1
@@ -82,14 +88,20 @@ def check_timesteps(t: Tensor, batch: int) -> Tensor:
     return t
 
 
-def check_text(text: Tensor, mask: Tensor | None, batch: int, channels: int) -> None:
-    """Caption features (B, L, channels) and an optional (B, L) keep-mask."""
+def check_text(text: Tensor, mask: Tensor | None, batch: int, channels: int,
+               dtype: torch.dtype) -> Tensor:
+    """Caption features (B, L, channels) — or (B, 1, L, channels), PixArt's layout — and an
+    optional (B, L) keep-mask; returns the features as (B, L, channels)."""
+    if text.dim() == 4 and text.shape[1] == 1:
+        text = text.squeeze(1)
     if text.dim() != 3 or text.shape[0] != batch or text.shape[2] != channels:
         raise ValueError(f"caption features must have shape ({batch}, L, {channels}) for a batch "
                          f"of {batch}, got {tuple(text.shape)}")
+    check_dtype("caption features", text, dtype)
     if mask is not None and mask.shape != text.shape[:2]:
         raise ValueError(f"text mask must have shape {tuple(text.shape[:2])} (batch, caption "
                          f"tokens), got {tuple(mask.shape)}")
+    return text
 
 
 def check_labels(y: Tensor, batch: int, num_classes: int) -> None:

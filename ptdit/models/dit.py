@@ -139,7 +139,8 @@ class DiT(nn.Module):
         y: (B,) class labels; `num_classes` is the null class
         returns (B, 2C, H, W) or (B, 2C, F, H, W): noise and (learned) variance
         """
-        shape = parse_latent(x, self.in_channels, self.patch_size, (1, 1, 1))
+        shape = parse_latent(x, self.in_channels, self.patch_size, (1, 1, 1),
+                             self.x_embedder.proj.weight.dtype)
         B = shape.batch
         t = check_timesteps(t, B)
         check_labels(y, B, self.config.num_classes)

@@ -152,10 +152,11 @@ class PixArt(nn.Module):
             required with micro_condition, refused without
         returns (B, 2C, H, W) or (B, 2C, F, H, W)
         """
-        shape = parse_latent(x, self.in_channels, self.patch_size, (1, 1, 1))
+        dtype = self.x_embedder.proj.weight.dtype
+        shape = parse_latent(x, self.in_channels, self.patch_size, (1, 1, 1), dtype)
         B = shape.batch
         t = check_timesteps(t, B)
-        check_text(text, text_mask, B, self.config.caption_channels)
+        text = check_text(text, text_mask, B, self.config.caption_channels, dtype)
         x = self.x_embedder(shape.as_video(x))                          # (B, T, D)
         x = x + self.positions(shape.grid, shape.video, x)
         t = self.t_embedder(t)                                          # (B, D)

@@ -174,9 +174,10 @@ class PTDiT(nn.Module):
         y_mask: optional (B, L) caption keep-mask, 1 keeps a token (text models only)
         returns (B, 2C, H, W) or (B, 2C, F, H, W)
         """
-        shape = parse_latent(x, self.in_channels, self.patch_size, (1, 1, 1))
+        dtype = self.x_embedder.proj.weight.dtype
+        shape = parse_latent(x, self.in_channels, self.patch_size, (1, 1, 1), dtype)
         window = self.config.window_for(shape.grid)
-        parse_latent(x, self.in_channels, self.patch_size, window)
+        parse_latent(x, self.in_channels, self.patch_size, window, dtype)
         B = shape.batch
         t = check_timesteps(t, B)
         x = self.x_embedder(shape.as_video(x))                            # (B, T, D) raster
@@ -185,7 +186,7 @@ class PTDiT(nn.Module):
         x = x + self.positions(layout, x)
         t = self.t_embedder(t)                                            # (B, D)
         if self.config.condition == "text":
-            check_text(y, y_mask, B, self.config.caption_channels)
+            y = check_text(y, y_mask, B, self.config.caption_channels, dtype)
             y_bias = text_bias(y_mask, x.dtype)                           # (B, 1, 1, L)
             y = self.y_embedder(y)                                        # (B, L, D)
         else:
