@@ -1,12 +1,19 @@
 """The `ptdit` command. Each subcommand imports what it needs when it runs.
 
     ptdit models [--format table|csv|json|markdown]
+    ptdit convert SRC DST --to {ptdit,diffusers,official} [--format auto|NAME] [--name NAME]
+                  [--dtype float32|bfloat16|float16|float64] [--config JSON] [--force]
+    ptdit flops --model M [M ...] --resolution R [R ...] [--frames F ...] [--batch B]
+                [--text-tokens L] [--window F H W] [--counter analytic|torch|fvcore|all]
+                [--backend sdpa|math] [--format ...]
+    ptdit reproduce [--out DIR]
 """
 
 import argparse
 import sys
 
 FORMATS = ("table", "csv", "json", "markdown")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -20,6 +27,60 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from ptdit.interop import load, save, target_format
+
+    config = None
+    if args.config is not None:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ValueError(f"--config {path} does not exist")
+        config = json.loads(path.read_text())
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = load(args.src, name=args.name, format=args.format, dtype=dtype, config=config)
+    fmt = target_format(model.config.family, args.to)
+    paths = save(model, args.dst, fmt.name, force=args.force)
+    dtype = next(model.parameters()).dtype
+    print(f"{args.src} -> {fmt.name} ({model.config.family}"
+          f"{', ' + model.name if model.name else ''}, {str(dtype).removeprefix('torch.')}): "
+          + ", ".join(str(p) for p in paths))
+    return 0
+
+
+PROVENANCE = ("schema_version", "git_sha", "time_utc", "host", "torch")
+
+
+def cmd_flops(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from bench.flops import COUNTERS, sweep
+    from bench.report import render
+
+    counters = COUNTERS if args.counter == "all" else (args.counter,)
+    overrides = {"window": tuple(args.window)} if args.window else {}
+    rows = list(sweep(args.model, args.resolution, args.frames or (None,), args.batch,
+                      args.text_tokens, counters, args.backend, **overrides))
+    df = pd.DataFrame(rows)
+    if args.format in ("table", "markdown"):
+        zero = [c for c in df.columns if c.startswith(("linear_", "attn_"))
+                and c.endswith("_gmacs") and not df[c].fillna(0).any()]
+        df = df.drop(columns=[*PROVENANCE, *zero])
+    print(render(df, args.format))
+    return 0 if (df["status"] == "ok").all() else 1
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from bench.reproduce import run
+
+    print(run(args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ptdit", description="PT-DiT, DiT and PixArt-alpha: models, cost and analysis.")
@@ -29,6 +90,60 @@ def build_parser() -> argparse.ArgumentParser:
                        "paper's, in millions), depth, width, heads, patch, attention layout")
     p.add_argument("--format", choices=FORMATS, default="table")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("convert", help="convert a checkpoint (facebook DiT .pt, diffusers "
+                       "folder, official PixArt-alpha .pth, official PT-DiT, ptdit) to "
+                       "safetensors")
+    p.add_argument("src", help="checkpoint file or diffusers folder")
+    p.add_argument("dst", help="a .safetensors file (--to ptdit/official) or a folder "
+                   "(--to diffusers); official PT-DiT also writes DST's .json predictor config")
+    p.add_argument("--to", required=True, choices=("ptdit", "diffusers", "official"),
+                   help="ptdit: our format (config in the metadata); official: the release's "
+                   "layout (facebook DiT, PixArt .pth keys, PT-DiT PTDiTDiffuser)")
+    p.add_argument("--format", default="auto",
+                   help="source format: auto (recognised from keys/config) or a format name")
+    p.add_argument("--name", help="registry model name the checkpoint must match")
+    p.add_argument("--dtype", choices=DTYPES, help="convert to this dtype (default: keep)")
+    p.add_argument("--config", help="the source's config JSON (official PT-DiT predictor); "
+                   "default: SRC's .json sidecar, else inferred from shapes")
+    p.add_argument("--force", action="store_true", help="overwrite an existing DST")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "flops", help="exact MACs / FLOPs / parameters / activations per module category",
+        description="Exact cost of one forward pass, per module category and in every "
+        "convention: linear_gmacs (linear/conv layers only: the PT-DiT paper's figures), "
+        "attention_gmacs (QKᵀ and AV products), total_gmacs = linear + attention (the DiT "
+        "paper's Gflops), total_gflops = 2 × total_gmacs. Norms and elementwise ops count 0. "
+        "Counters: analytic (closed form), torch (FlopCounterMode) and fvcore, both on the meta "
+        "device (no memory, any size).")
+    p.add_argument("--model", nargs="+", required=True, metavar="M",
+                   help="model name(s), see `ptdit models`")
+    p.add_argument("--resolution", nargs="+", type=int, required=True, metavar="R",
+                   help="square image side in pixels (latent side = R / 8)")
+    p.add_argument("--frames", nargs="+", type=int, metavar="F",
+                   help="LATENT frames for video latents (B, 4, F, H, W); omit for images")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--text-tokens", type=int, default=120, metavar="L",
+                   help="T5 caption tokens (width 4096) for text models (default 120, the "
+                   "papers' setting)")
+    p.add_argument("--window", nargs=3, type=int, metavar=("F", "H", "W"),
+                   help="PT-DiT window in tokens (frames, rows, cols); default: the paper's "
+                   "schedule, 8x8 windows per frame and 4 frames per window")
+    p.add_argument("--counter", choices=("analytic", "torch", "fvcore", "all"),
+                   default="analytic")
+    p.add_argument("--backend", choices=("sdpa", "math"), default="sdpa",
+                   help="attention backend the counted models run (default sdpa)")
+    p.add_argument("--format", choices=FORMATS, default="table")
+    p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser(
+        "reproduce", help="the DiT and PT-DiT papers' complexity figures vs our exact counts",
+        description="Writes complexity.csv, complexity.md and plots (GMACs vs resolution, "
+        "attention share, video vs frames) and prints the Markdown tables.")
+    p.add_argument("--out", default="results/complexity", metavar="DIR",
+                   help="output folder (default results/complexity)")
+    p.set_defaults(func=cmd_reproduce)
     return parser
 
 

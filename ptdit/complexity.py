@@ -1,0 +1,295 @@
+"""Closed-form cost of DiT, PixArt-alpha and PT-DiT: MACs per module category, parameters and
+activation bytes of one forward pass, from the configuration alone (pure arithmetic, any size).
+
+Counting convention (DESIGN.md "Units"):
+- A MAC is one multiply-accumulate. Linear layers count rows·in·out, the patch-embed Conv2d
+  counts output positions·D·C·p², biases count nothing. Attention counts its two products,
+  QKᵀ (Lq·Lk·d per head) and softmax(·)·V (Lq·Lk·d per head), densely: masked entries of the
+  shifted-window bias are computed, so they are counted.
+- Norms, softmax, GELU/SiLU, modulation, residual adds, proxy averaging, positions and
+  embedding-table lookups are elementwise or free, and count 0 MACs in every convention.
+- Conventions: `linear_gmacs` (the PT-DiT paper's figures: linear/conv layers only),
+  `total_gmacs` = linear + attention (the DiT paper's Gflops), `total_gflops` = 2·total_gmacs.
+
+Categories: linear layers split into attention projections (`attn_proj`: q/k/v/out of every
+attention plus PT-DiT's zero-initialised `proxy_out` and `shift_out`), `mlp`, conditioning
+(`cond`: timestep/label/caption embedders, adaLN-single `t_block`, DiT's per-block adaLN) and
+`io` (patch embed and final layer); attention products split by the module's `kind`.
+
+Activation bytes count the outputs of every MAC-counted operation as the unfused ("math")
+attention backend materialises them: each linear/conv output, each QKᵀ score matrix and each
+attention output. `attn_scores_mib` is the score-matrix part, which fused SDPA never stores.
+"""
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import KINDS
+from .configs import DiTConfig, PixArtConfig, PTDiTConfig, get_config, nearest_multiples
+from .models._common import VAE_SPATIAL, LatentShape, parse_latent
+
+LINEAR_CATEGORIES = ("attn_proj", "mlp", "cond", "io")
+ATTENTION_CATEGORIES = KINDS
+DEFAULT_TEXT_TOKENS = 120   # T5 tokens of PixArt-alpha and PT-DiT (both papers' setting)
+FREQUENCY_CHANNELS = 256    # sinusoidal timestep features fed to the timestep MLP
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A linear layer (or the patch-embed conv as one) applied to `rows` vectors."""
+    category: str
+    rows: int
+    fan_in: int
+    fan_out: int
+    bias: bool = True
+
+
+@dataclass(frozen=True)
+class Products:
+    """The QKᵀ and AV products of one attention call over `problems` independent sequences."""
+    kind: str
+    problems: int
+    heads: int
+    lq: int
+    lk: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class Table:
+    """Parameters that do no MACs: embedding tables, modulation tables, frozen positions."""
+    numel: int
+    trainable: bool = True
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A validated forward pass: the config, its latent shape, caption tokens and PT-DiT window."""
+    name: str
+    config: object
+    shape: LatentShape
+    text_tokens: int
+    window: tuple[int, int, int] | None
+    overrides: dict = field(default_factory=dict)   # config fields changed from the named model
+
+    @property
+    def resolution(self) -> int:
+        return self.shape.height * VAE_SPATIAL
+
+
+def is_text_conditioned(config) -> bool:
+    return isinstance(config, PixArtConfig) or getattr(config, "condition", None) == "text"
+
+
+def workload(name: str, resolution: int, frames: int | None = None, batch: int = 1,
+             text_tokens: int = DEFAULT_TEXT_TOKENS, **overrides) -> Workload:
+    """Checks a request and resolves its shapes; raises ValueError with what is allowed.
+
+    resolution: square image side in pixels (latent side = resolution / 8).
+    frames: latent frames (video latents (B, C, F, H, W)); None for image latents (B, C, H, W).
+    text_tokens: caption length for text-conditioned models (ignored, reported as 0, otherwise).
+    overrides: config fields, e.g. window=(1, 8, 8) for PT-DiT.
+    """
+    config = get_config(name, **overrides)
+    for label, value in (("batch", batch), ("resolution", resolution)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int)
+                               or frames < 1):
+        raise ValueError(f"latent frames must be a positive integer (or None for an image), "
+                         f"got {frames!r}")
+    if resolution % VAE_SPATIAL:
+        raise ValueError(
+            f"resolution {resolution} px is not a multiple of the VAE factor {VAE_SPATIAL}; "
+            f"allowed: multiples of {VAE_SPATIAL} px; nearest valid: "
+            f"{nearest_multiples(resolution, VAE_SPATIAL)} px")
+    side = resolution // VAE_SPATIAL
+    dims = (batch, config.in_channels) + ((frames,) if frames is not None else ()) + (side, side)
+    latent = torch.empty(dims, device="meta")
+    try:    # the models' own checks, so the messages are the ones a forward pass would give
+        shape = parse_latent(latent, config.in_channels, config.patch_size, (1, 1, 1),
+                             latent.dtype)
+        window = None
+        if isinstance(config, PTDiTConfig):
+            window = config.window_for(shape.grid)
+            parse_latent(latent, config.in_channels, config.patch_size, window, latent.dtype)
+    except ValueError as err:
+        step = VAE_SPATIAL * config.patch_size * getattr(config, "windows_per_side", 1)
+        if isinstance(config, PTDiTConfig) and config.window is None and resolution % step:
+            err = f"{err}; in pixels: multiples of {step} px, nearest valid: " + \
+                f"{nearest_multiples(resolution, step)} px"
+        raise ValueError(f"{name} at {resolution} px: {err}") from None
+    if is_text_conditioned(config):
+        if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 1:
+            raise ValueError(f"text_tokens must be a positive integer for {name}, "
+                             f"got {text_tokens!r}")
+    else:
+        text_tokens = 0
+    return Workload(name, config, shape, text_tokens, window, overrides)
+
+
+#################################################################################
+#                     The layers of one forward pass, in order                  #
+#################################################################################
+
+def _self_attention(kind: str, problems: int, length: int, D: int, heads: int):
+    rows = problems * length
+    yield Linear("attn_proj", rows, D, 3 * D)
+    yield Products(kind, problems, heads, length, length, D // heads)
+    yield Linear("attn_proj", rows, D, D)
+
+
+def _cross_attention(kind: str, problems: int, lq: int, lk: int, D: int, heads: int):
+    yield Linear("attn_proj", problems * lq, D, D)
+    yield Linear("attn_proj", problems * lk, D, 2 * D)
+    yield Products(kind, problems, heads, lq, lk, D // heads)
+    yield Linear("attn_proj", problems * lq, D, D)
+
+
+def _mlp(rows: int, D: int, mlp_ratio: float):
+    hidden = int(D * mlp_ratio)
+    yield Linear("mlp", rows, D, hidden)
+    yield Linear("mlp", rows, hidden, D)
+
+
+def layers(work: Workload) -> Iterator[Linear | Products | Table]:
+    """Every MAC-doing layer call and every MAC-free parameter of the forward pass."""
+    c, s = work.config, work.shape
+    B, T, D, H, p, L = s.batch, s.tokens, c.hidden_size, c.num_heads, c.patch_size, work.text_tokens
+    out_channels = c.in_channels * (2 if c.learn_sigma else 1)
+    text = is_text_conditioned(c)
+
+    yield Linear("io", B * T, c.in_channels * p * p, D)                 # patch embed (Conv2d)
+    yield Linear("cond", B, FREQUENCY_CHANNELS, D)                       # timestep MLP
+    yield Linear("cond", B, D, D)
+    if text:
+        yield Linear("cond", B * L, c.caption_channels, D)               # caption MLP
+        yield Linear("cond", B * L, D, D)
+    else:
+        yield Table((c.num_classes + (c.class_dropout_prob > 0)) * D)    # label table
+    if not isinstance(c, DiTConfig):
+        yield Linear("cond", B, D, 6 * D)                                # adaLN-single t_block
+
+    for _ in range(c.depth):
+        if isinstance(c, DiTConfig):
+            yield Linear("cond", B, D, 6 * D)                            # per-block adaLN
+            yield from _self_attention("global", B, T, D, H)
+        elif isinstance(c, PixArtConfig):
+            yield Table(6 * D)
+            yield from _self_attention("global", B, T, D, H)
+            yield from _cross_attention("text_cross", B, T, L, D, H)
+        else:
+            yield Table(6 * D)
+            n = math.prod(work.window)
+            M = T // n                                                   # proxies = windows
+            if c.giim:
+                yield from _self_attention("proxy", B, M, D, H)
+                yield from _cross_attention("proxy_cross", B, T, M, D, H)
+                yield Linear("attn_proj", B * T, D, D)                   # proxy_out
+            yield from _self_attention("window", B * M, n, D, H)
+            if c.shift_window:
+                yield Table(3 * D)
+                yield from _self_attention("shift_window", B * M, n, D, H)
+                yield Linear("attn_proj", B * T, D, D)                   # shift_out
+            if text:
+                yield from _cross_attention("text_cross", B, T, L, D, H)
+        yield from _mlp(B * T, D, c.mlp_ratio)
+
+    if isinstance(c, DiTConfig):
+        yield Linear("io", B, D, 2 * D)                                  # final adaLN
+        yield Table((c.input_size // p) ** 2 * D, trainable=False)       # frozen pos_embed
+    else:
+        yield Table(2 * D)                                               # final table
+    yield Linear("io", B * T, D, p * p * out_channels)
+
+
+#################################################################################
+#                                 Totals                                        #
+#################################################################################
+
+def macs(work: Workload) -> dict[str, int]:
+    """Exact MACs per category: 'linear_<cat>' for LINEAR_CATEGORIES, 'attn_<kind>' for KINDS."""
+    total = Counter({f"linear_{c}": 0 for c in LINEAR_CATEGORIES})
+    total.update({f"attn_{k}": 0 for k in ATTENTION_CATEGORIES})
+    for layer in layers(work):
+        if isinstance(layer, Linear):
+            total[f"linear_{layer.category}"] += layer.rows * layer.fan_in * layer.fan_out
+        elif isinstance(layer, Products):
+            qk = layer.problems * layer.heads * layer.lq * layer.lk * layer.head_dim
+            total[f"attn_{layer.kind}"] += 2 * qk                       # QKᵀ + AV
+    return dict(total)
+
+
+def parameters(work: Workload) -> tuple[int, int]:
+    """(all parameters, trainable parameters): what model.parameters() holds."""
+    every = trainable = 0
+    for layer in layers(work):
+        if isinstance(layer, Linear):
+            n = layer.fan_in * layer.fan_out + layer.fan_out * layer.bias
+            every, trainable = every + n, trainable + n
+        elif isinstance(layer, Table):
+            every += layer.numel
+            trainable += layer.numel * layer.trainable
+    # `layers` lists calls, and every layer is called exactly once per forward pass.
+    return every, trainable
+
+
+def activation_elements(work: Workload) -> tuple[int, int]:
+    """(all MAC-op output elements, attention-score elements) of one forward pass (math backend)."""
+    every = scores = 0
+    for layer in layers(work):
+        if isinstance(layer, Linear):
+            every += layer.rows * layer.fan_out
+        elif isinstance(layer, Products):
+            s = layer.problems * layer.heads * layer.lq * layer.lk
+            scores += s
+            every += s + layer.problems * layer.heads * layer.lq * layer.head_dim
+    return every, scores
+
+
+def cost_columns(category_macs: dict[str, int]) -> dict[str, float]:
+    """The GMAC columns of a row from per-category MACs, in every convention."""
+    linear = sum(v for k, v in category_macs.items() if k.startswith("linear_"))
+    attention = sum(v for k, v in category_macs.items() if k.startswith("attn_"))
+    row = {f"{k}_gmacs": v / 1e9 for k, v in category_macs.items()}
+    row["linear_gmacs"] = linear / 1e9
+    row["attention_gmacs"] = attention / 1e9
+    row["total_gmacs"] = (linear + attention) / 1e9
+    row["total_gflops"] = 2 * row["total_gmacs"]
+    return row
+
+
+def describe_workload(work: Workload) -> dict:
+    """The shape columns every row carries."""
+    s = work.shape
+    return {
+        "model": work.name,
+        "resolution": work.resolution,
+        "latent_frames": s.frames,
+        "tokens": s.tokens,
+        "batch": s.batch,
+        "text_tokens": work.text_tokens,
+        "window": "x".join(map(str, work.window)) if work.window else "",
+    }
+
+
+def costs(name: str, resolution: int, frames: int | None = None, batch: int = 1,
+          text_tokens: int = DEFAULT_TEXT_TOKENS, dtype_bytes: int = 4, **overrides) -> dict:
+    """One row of closed-form costs: shape columns, parameters, GMACs per category and in every
+    convention, and activation MiB at `dtype_bytes` per element (4 = float32)."""
+    work = workload(name, resolution, frames, batch, text_tokens, **overrides)
+    every, trainable = parameters(work)
+    act, scores = activation_elements(work)
+    return {
+        **describe_workload(work),
+        "counter": "analytic",
+        "params": every,
+        "params_trainable": trainable,
+        **cost_columns(macs(work)),
+        "activation_mib": act * dtype_bytes / 2**20,
+        "attn_scores_mib": scores * dtype_bytes / 2**20,
+    }
