@@ -185,12 +185,17 @@ def get_config(name: str, **overrides):
         hint = f"; nearest: {', '.join(close)}" if close else ""
         raise ValueError(f"unknown model {name!r}{hint}. Known models: {', '.join(MODELS)}")
     config = MODELS[name]
-    fields = {f.name for f in dataclasses.fields(config)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"{name} has no option(s) {', '.join(unknown)}; "
-                         f"allowed: {', '.join(sorted(fields))}")
+    check_fields(type(config), overrides, name)
     return dataclasses.replace(config, **overrides)
+
+
+def check_fields(config_class: type, fields, label: str) -> None:
+    """ValueError naming the fields a config class does not have, and those it has."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"{label} has no option(s) {', '.join(unknown)}; "
+                         f"allowed: {', '.join(sorted(known))}")
 
 
 def describe(name: str) -> dict:

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..configs import DiTConfig, PixArtConfig, PTDiTConfig, get_config, list_models, model_class
+from ..configs import (DiTConfig, PixArtConfig, PTDiTConfig, check_fields, get_config,
+                       list_models, model_class)
 from .base import Format, StateDict
 
 CONFIG_CLASSES = {"DiT": DiTConfig, "PixArt": PixArtConfig, "PT-DiT": PTDiTConfig}
@@ -28,11 +29,7 @@ def config_from_dict(family: str, fields: Mapping) -> object:
     if family not in CONFIG_CLASSES:
         raise ValueError(f"unknown model family {family!r}; allowed: {', '.join(CONFIG_CLASSES)}")
     cls = CONFIG_CLASSES[family]
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ValueError(f"{family} config has unknown field(s) {', '.join(unknown)}; "
-                         f"allowed: {', '.join(sorted(known))}")
+    check_fields(cls, fields, f"{family} config")
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     return cls(**fields)
 
