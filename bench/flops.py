@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 import ptdit
 from ptdit import complexity
 from ptdit.attention import BACKENDS, set_backend
-from ptdit.models._common import LatentShape
+from ptdit.models.inputs import LatentShape
 
 COUNTERS = ("analytic", "torch", "fvcore")
 SCHEMA_VERSION = 1

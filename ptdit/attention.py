@@ -194,6 +194,17 @@ def shift_windows(x: Tensor, grid: tuple[int, int, int], window: tuple[int, int,
     return window_partition(g, window)
 
 
+@lru_cache(maxsize=32)
+def shift_permutation(grid: tuple[int, int, int], window: tuple[int, int, int]
+                      ) -> tuple[Tensor, Tensor]:
+    """(shift, unshift) index vectors (T,) on the CPU: `x[:, shift]` is `shift_windows(x)` and
+    `x[:, unshift]` its inverse, as one gather each instead of reverse + roll + partition."""
+    T = grid[0] * grid[1] * grid[2]
+    positions = torch.arange(T).reshape(1, T, 1)
+    shift = shift_windows(positions, grid, window).flatten()
+    return shift, torch.argsort(shift)
+
+
 def _region_labels(n: int, c: int) -> Tensor:
     """Swin regions along one axis of length n, window c, shift c//2: [0,n-c), [n-c,n-s), [n-s,n)."""
     s = c // 2

@@ -30,7 +30,7 @@ import torch
 
 from .attention import KINDS
 from .configs import DiTConfig, PixArtConfig, PTDiTConfig, get_config, nearest_multiples
-from .models._common import VAE_SPATIAL, LatentShape, parse_latent
+from .models.inputs import VAE_SPATIAL, LatentShape, parse_latent
 
 LINEAR_CATEGORIES = ("attn_proj", "mlp", "cond", "io")
 ATTENTION_CATEGORIES = KINDS
@@ -110,19 +110,14 @@ def workload(name: str, resolution: int, frames: int | None = None, batch: int =
     side = resolution // VAE_SPATIAL
     dims = (batch, config.in_channels) + ((frames,) if frames is not None else ()) + (side, side)
     latent = torch.empty(dims, device="meta")
+    multiple, unit = (config.grid_multiple(frames or 1) if isinstance(config, PTDiTConfig)
+                      else ((1, 1, 1), "window"))
     try:    # the models' own checks, so the messages are the ones a forward pass would give
-        shape = parse_latent(latent, config.in_channels, config.patch_size, (1, 1, 1),
-                             latent.dtype)
-        window = None
-        if isinstance(config, PTDiTConfig):
-            window = config.window_for(shape.grid)
-            parse_latent(latent, config.in_channels, config.patch_size, window, latent.dtype)
+        shape = parse_latent(latent, config.in_channels, config.patch_size, multiple,
+                             latent.dtype, unit)
     except ValueError as err:
-        step = VAE_SPATIAL * config.patch_size * getattr(config, "windows_per_side", 1)
-        if isinstance(config, PTDiTConfig) and config.window is None and resolution % step:
-            err = f"{err}; in pixels: multiples of {step} px, nearest valid: " + \
-                f"{nearest_multiples(resolution, step)} px"
         raise ValueError(f"{name} at {resolution} px: {err}") from None
+    window = config.window_for(shape.grid) if isinstance(config, PTDiTConfig) else None
     if is_text_conditioned(config):
         if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 1:
             raise ValueError(f"text_tokens must be a positive integer for {name}, "

@@ -14,6 +14,27 @@ import torch
 from torch import nn
 
 
+def _positive(config, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{name} must be positive, got {value!r}")
+
+
+def check_sizes(config, width_multiple: int) -> None:
+    """The sizes every family shares: positive, heads divide the width, and a width the sin-cos
+    positions can split (`width_multiple`: 4 for 2-D tables, 16 for 3-D)."""
+    _positive(config, "depth", "hidden_size", "num_heads", "patch_size", "in_channels",
+              "mlp_ratio")
+    D, heads = config.hidden_size, config.num_heads
+    if D % heads:
+        raise ValueError(f"width {D} is not divisible by {heads} heads; widths that are: "
+                         f"{nearest_multiples(D, heads)}")
+    if D % width_multiple:
+        raise ValueError(f"width {D} must be a multiple of {width_multiple} for the sin-cos "
+                         f"positions; nearest valid: {nearest_multiples(D, width_multiple)}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DiTConfig:
     depth: int
@@ -39,6 +60,10 @@ class DiTConfig:
 
     def attention_layout(self) -> str:
         return "global self-attention"
+
+    def __post_init__(self):
+        check_sizes(self, 4)
+        _positive(self, "input_size", "num_classes")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +94,8 @@ class PixArtConfig:
         return "global self-attention + text cross-attention"
 
     def __post_init__(self):
+        check_sizes(self, 4)
+        _positive(self, "input_size", "caption_channels", "model_max_length", "pos_interp_scale")
         if self.micro_condition and self.hidden_size % 3:
             raise ValueError(
                 f"micro_condition needs a width divisible by 3 (size and aspect-ratio embedders "
@@ -115,6 +142,9 @@ class PTDiTConfig:
         return " + ".join(parts) + f" ({window})"
 
     def __post_init__(self):
+        check_sizes(self, 16)   # 3-D positions: D/4 temporal, 3D/8 per spatial axis
+        _positive(self, "caption_channels", "num_classes", "windows_per_side",
+                  "temporal_window", "pos_interp_scale")
         if self.condition not in ("text", "class"):
             raise ValueError(f"condition must be 'text' or 'class', got {self.condition!r}")
         if self.proxies_per_window != 1:
@@ -125,24 +155,31 @@ class PTDiTConfig:
                 "Allowed: 1")
         if self.window is not None:
             window = tuple(self.window)
-            if len(window) != 3 or any(not isinstance(c, int) or c < 1 for c in window):
+            if len(window) != 3 or any(isinstance(c, bool) or not isinstance(c, int) or c < 1
+                                       for c in window):
                 raise ValueError(f"window must be three positive ints (frames, rows, cols), got "
                                  f"{self.window!r}")
             object.__setattr__(self, "window", window)
 
+    def grid_multiple(self, frames: int) -> tuple[tuple[int, int, int], str]:
+        """What a token grid of `frames` frames must be a multiple of (frames, rows, cols), and
+        what that is ("window", or the schedule's "windows per side")."""
+        if self.window is not None:
+            return self.window, "window"
+        n = self.windows_per_side
+        return (1 if frames == 1 else self.temporal_window, n, n), "windows per side"
+
     def window_for(self, grid: tuple[int, int, int]) -> tuple[int, int, int]:
-        """The window (frames, rows, cols) in tokens for a token grid (F, H, W)."""
+        """The window (frames, rows, cols) in tokens for a token grid (F, H, W) that is a
+        multiple of `grid_multiple(F)` (the models check that first, with messages in pixels)."""
         if self.window is not None:
             return self.window
         F, H, W = grid
-        n = self.windows_per_side
-        for name, side in (("height", H), ("width", W)):
-            if side % n:
-                raise ValueError(
-                    f"token {name} {side} does not split into the schedule's {n} windows; "
-                    f"allowed: multiples of {n} tokens; nearest valid: "
-                    f"{nearest_multiples(side, n)} tokens (or pass window=(f, h, w) explicitly)")
-        return (1 if F == 1 else self.temporal_window, H // n, W // n)
+        (tf, n, _), _ = self.grid_multiple(F)
+        if F % tf or H % n or W % n:
+            raise ValueError(f"token grid {grid} does not split into the schedule's {n}x{n} "
+                             f"windows of {tf} frames; pass window=(f, h, w) explicitly")
+        return (tf, H // n, W // n)
 
 
 def nearest_multiples(value: int, multiple: int) -> str:
@@ -229,7 +266,8 @@ def model_class(config) -> type[nn.Module]:
 
 
 def build(name: str, device=None, dtype: torch.dtype | None = None, **overrides) -> nn.Module:
-    """Builds a named model. `device="meta"` allocates nothing (for counting, any size)."""
+    """Builds a named model in eval mode (call `.train()` to train: it turns on label and
+    caption dropout). `device="meta"` allocates nothing (for counting, any size)."""
     config = get_config(name, **overrides)
     previous = torch.get_default_dtype()
     try:  # float64 models are built in float64, so fixed tables are not float32-rounded
@@ -242,4 +280,4 @@ def build(name: str, device=None, dtype: torch.dtype | None = None, **overrides)
     if dtype is not None:
         model = model.to(dtype)
     model.name = name
-    return model
+    return model.eval()

@@ -18,6 +18,21 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
+class ShapeCache:
+    """Remembers the value computed for the last key (shape, device, dtype): per-shape tables
+    and masks are built once for a run of same-shape calls and rebuilt when the key changes, so
+    never stale. Not module state: it is in no state dict."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def get(self, key, compute):
+        if key != self.key:
+            self.key, self.value = None, None   # free the old value before building the new
+            self.value, self.key = compute(), key
+        return self.value
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype for fixed tables and sinusoids: at least float32, float64 when the model is."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -173,7 +188,7 @@ class CaptionEmbedder(nn.Module):
 # https://github.com/facebookresearch/mae/blob/main/util/pos_embed.py
 
 def sincos_1d(dim: int, pos: Tensor) -> Tensor:
-    """(T,) positions -> (T, dim): [sin(pos·ω), cos(pos·ω)], ω_i = 10000^(-i/(dim/2))."""
+    """(T,) positions -> float64 (T, dim): [sin(pos·ω), cos(pos·ω)], ω_i = 10000^(-2i/dim)."""
     if dim % 2:
         raise ValueError(f"sin-cos embedding needs an even channel count, got {dim}")
     omega = torch.arange(dim // 2, dtype=torch.float64, device=pos.device) / (dim / 2.0)
@@ -182,13 +197,19 @@ def sincos_1d(dim: int, pos: Tensor) -> Tensor:
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
 
-def sincos_2d(dim: int, grid_h: Tensor, grid_w: Tensor) -> Tensor:
-    """Row coords (H,), column coords (W,) -> (H·W, dim), raster order; first half encodes columns."""
-    h, w = torch.meshgrid(grid_h, grid_w, indexing="ij")
-    return torch.cat([sincos_1d(dim // 2, w.flatten()), sincos_1d(dim // 2, h.flatten())], dim=1)
+def sincos_2d(dim: int, grid_h: Tensor, grid_w: Tensor, dtype=torch.float64) -> Tensor:
+    """Row coords (H,), column coords (W,) -> (H·W, dim), raster order; first half encodes columns.
+
+    The 1-D tables are computed in float64 and cast, so any `dtype` holds the float64 table
+    rounded once, without a float64 table of the whole grid."""
+    H, W, half = len(grid_h), len(grid_w), dim // 2
+    cols = sincos_1d(half, grid_w).to(dtype)[None].expand(H, W, half)
+    rows = sincos_1d(half, grid_h).to(dtype)[:, None].expand(H, W, half)
+    return torch.cat([cols, rows], dim=-1).reshape(H * W, dim)
 
 
-def sincos_3d(dim: int, grid_f: Tensor, grid_h: Tensor, grid_w: Tensor) -> Tensor:
+def sincos_3d(dim: int, grid_f: Tensor, grid_h: Tensor, grid_w: Tensor,
+              dtype=torch.float64) -> Tensor:
     """(F·H·W, dim) table, raster order (f, h, w): D/4 temporal channels, then 3D/4 spatial (2-D).
 
     The split follows the released PT-DiT (temporal first); spatial coordinates are (row, col)
@@ -197,16 +218,16 @@ def sincos_3d(dim: int, grid_f: Tensor, grid_h: Tensor, grid_w: Tensor) -> Tenso
     if dim % 16:
         raise ValueError(f"3-D sin-cos positions need a width divisible by 16, got {dim}")
     F, H, W = len(grid_f), len(grid_h), len(grid_w)
-    temporal = sincos_1d(dim // 4, grid_f)                       # (F, D/4)
-    spatial = sincos_2d(3 * dim // 4, grid_h, grid_w)            # (H·W, 3D/4)
-    temporal = temporal[:, None, :].expand(F, H * W, dim // 4)
-    spatial = spatial[None].expand(F, H * W, 3 * dim // 4)
+    temporal = sincos_1d(dim // 4, grid_f).to(dtype)[:, None, :].expand(F, H * W, dim // 4)
+    spatial = sincos_2d(3 * dim // 4, grid_h, grid_w, dtype)[None].expand(F, H * W, 3 * dim // 4)
     return torch.cat([temporal, spatial], dim=-1).reshape(F * H * W, dim)
 
 
 def position_table(dim: int, frames: int | None, height: int, width: int, *, scale: float = 1.0,
-                   base_size: int | None = None, device=None) -> Tensor:
-    """float64 table (T, dim) for a token grid; frames=None gives the 2-D (image) table.
+                   base_size: int | None = None, device=None,
+                   dtype: torch.dtype = torch.float64) -> Tensor:
+    """(T, dim) table for a token grid: the float64 table rounded once to `dtype`.
+    frames=None gives the 2-D (image) table.
 
     Spatial coordinate of index i along an axis of n tokens: i / (n / base_size) / scale
     (PixArt-alpha's interpolation; base_size=None means n, i.e. plain i / scale).
@@ -218,9 +239,9 @@ def position_table(dim: int, frames: int | None, height: int, width: int, *, sca
         return (i / (n / (base_size or n)) / scale).to(torch.float64)
 
     if frames is None:
-        return sincos_2d(dim, axis(height), axis(width))
+        return sincos_2d(dim, axis(height), axis(width), dtype)
     grid_f = torch.arange(frames, dtype=torch.float64, device=device)
-    return sincos_3d(dim, grid_f, axis(height), axis(width))
+    return sincos_3d(dim, grid_f, axis(height), axis(width), dtype)
 
 
 #################################################################################

@@ -22,9 +22,11 @@ SMALL = {  # tiny configurations of each family, for CPU numerics
     "DiT": ("DiT-S/2", dict(depth=2, hidden_size=64, num_heads=4)),
     "PixArt": ("PixArt-XL/2", dict(depth=2, hidden_size=64, num_heads=4, caption_channels=24,
                                    model_max_length=6)),
-    "PT-DiT": ("PT-DiT/XL", dict(depth=2, hidden_size=64, num_heads=4, caption_channels=24)),
+    # 2x2 windows per frame: small latents still get windows of many tokens, and shifts
+    "PT-DiT": ("PT-DiT/XL", dict(depth=2, hidden_size=64, num_heads=4, caption_channels=24,
+                                 windows_per_side=2)),
     "PT-DiT-class": ("PT-DiT/S-Class", dict(depth=2, hidden_size=64, num_heads=4,
-                                             num_classes=10)),
+                                             num_classes=10, windows_per_side=2)),
 }
 
 

@@ -98,7 +98,7 @@ def test_window_override():
     (dict(name="PT-DiT/XXL", resolution=256), "nearest: PT-DiT/XL"),
     (dict(name="DiT-XL/2", resolution=260), "nearest valid: 256 or 264 px"),
     (dict(name="DiT-XL/2", resolution=264), "not divisible by patch 2"),
-    (dict(name="PT-DiT/XL", resolution=320), "nearest valid: 256 or 384 px"),
+    (dict(name="PT-DiT/XL", resolution=320), "(256 or 384 px)"),
     (dict(name="PT-DiT/XL", resolution=256, frames=6), "temporal window 4"),
     (dict(name="DiT-XL/2", resolution=256, frames=0), "positive integer"),
     (dict(name="DiT-XL/2", resolution=256, frames=-4), "positive integer"),

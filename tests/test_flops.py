@@ -161,7 +161,7 @@ def test_cli_flops_json(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "PT-DiT/XXL", "--resolution", "256"], "nearest: PT-DiT/XL"),
-    (["--model", "PT-DiT/XL", "--resolution", "320"], "nearest valid: 256 or 384 px"),
+    (["--model", "PT-DiT/XL", "--resolution", "320"], "(256 or 384 px)"),
     (["--model", "DiT-XL/2", "--resolution", "256", "--frames", "0"], "positive integer"),
     (["--model", "DiT-XL/2", "--resolution", "256", "--batch", "-1"], "positive integer"),
 ])

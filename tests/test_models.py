@@ -268,8 +268,10 @@ def test_several_proxies_per_window_are_refused():
                            r"valid: 32 or 34"),
     ("DiT-S/8", (32, 20), r"latent width 20 .*multiples of 8 latent pixels.*nearest valid: 16 "
                           r"or 24"),
-    ("PT-DiT/XL", (40, 40), r"token height 20 does not split into the schedule's 8 windows.*"
-                            r"nearest valid: 16 or 24 tokens"),
+    ("PT-DiT/XL", (40, 40), r"latent height 40 \(320 px\) is not divisible by patch 2 × "
+                            r"windows per side 8 = 16.*nearest valid: 32 or 48 latent pixels "
+                            r"\(256 or 384 px\)"),
+    ("PT-DiT/XL", (32, 33), r"latent width 33 .*nearest valid: 32 or 48 latent pixels"),
     ("Qihoo-T2I-1B", (32, 40), r"latent width 40 .* patch 2 × window 8 = 16.*nearest valid: "
                                r"32 or 48"),
 ])
@@ -284,6 +286,94 @@ def test_frames_the_temporal_window_does_not_divide():
     with pytest.raises(ValueError, match=r"6 latent frames are not divisible by the temporal "
                                          r"window 4.*nearest valid: 4 or 8"):
         model(*meta_inputs(model, (1, 4, 6, 32, 32)))
+
+
+@pytest.mark.parametrize("family", ["DiT", "PixArt", "PT-DiT"])
+def test_empty_and_odd_inputs(family):
+    model = small_model(family)
+    x = torch.randn(1, 4, 16, 16, dtype=torch.float64)
+    cond = condition(model, 1)
+    with torch.no_grad():   # a Python number is a timestep for the whole batch
+        assert torch.equal(model(x, 500.0, *cond),
+                           model(x, torch.tensor([500.0], dtype=torch.float64), *cond))
+    with pytest.raises(ValueError, match=r"timesteps must be a number or a \(1,\) tensor"):
+        model(x, "late", *cond)
+    with pytest.raises(ValueError, match=r"latents must be non-empty"):
+        model(torch.randn(1, 4, 0, 16, 16, dtype=torch.float64), 1.0, *cond)
+    with pytest.raises(ValueError, match=r"latents must be non-empty"):
+        model(torch.randn(1, 4, 0, 0, dtype=torch.float64), 1.0, *cond)
+    if len(cond) == 2:
+        with pytest.raises(ValueError, match=r"at least one token"):
+            model(x, 1.0, cond[0][:, :0], None)
+
+
+@pytest.mark.parametrize("name,override,match", [
+    ("DiT-S/2", dict(depth=0), r"depth must be positive, got 0"),
+    ("DiT-S/2", dict(mlp_ratio=0), r"mlp_ratio must be positive"),
+    ("DiT-S/2", dict(num_heads=5), r"width 384 is not divisible by 5 heads"),
+    ("PixArt-XL/2", dict(hidden_size=1150, num_heads=2), r"multiple of 4 .*nearest valid: 1148"),
+    ("PT-DiT/XL", dict(hidden_size=1160, num_heads=8), r"multiple of 16 .*1152 or 1168"),
+    ("PT-DiT/XL", dict(windows_per_side=0), r"windows_per_side must be positive"),
+    ("PT-DiT/XL", dict(temporal_window=0), r"temporal_window must be positive"),
+    ("PT-DiT/XL", dict(window=(True, 2, 2)), r"window must be three positive ints"),
+    ("PT-DiT/XL", dict(condition="image"), r"condition must be 'text' or 'class'"),
+])
+def test_bad_configurations(name, override, match):
+    with pytest.raises(ValueError, match=match):
+        ptdit.build(name, device="meta", **override)
+
+
+def test_models_are_built_for_inference():
+    """build() returns eval mode: no label or caption dropout, so calls are deterministic."""
+    model = ptdit.build("DiT-S/8")
+    x, t, y = torch.randn(8, 4, 32, 32), torch.rand(8) * 999, torch.randint(0, 1000, (8,))
+    with torch.no_grad():
+        assert not model.training and torch.equal(model(x, t, y), model(x, t, y))
+
+
+@pytest.mark.parametrize("family", ["DiT", "PixArt", "PT-DiT"])
+def test_per_shape_tables_are_never_stale(family):
+    """Positions, masks and window gathers are cached per shape: a model used at several shapes
+    in turn gives what a fresh model gives at each."""
+    model = small_model(family)
+    cond = condition(model, 2)
+    t = torch.rand(2, dtype=torch.float64) * 1000
+    shapes = [(2, 4, 16, 16), (2, 4, 16, 32), (2, 4, 4, 16, 16), (2, 4, 16, 16)]
+    with torch.no_grad():
+        for shape in shapes:
+            fresh = small_model(family)
+            fresh.load_state_dict(model.state_dict())
+            x = torch.randn(*shape, dtype=torch.float64)
+            assert torch.equal(model(x, t, *cond), fresh(x, t, *cond))
+
+
+def test_window_attention_runs_as_fused_sdpa_over_window_rows():
+    """Window attention hands SDPA 4-D (windows, heads, N, d) problems, the layout the fused
+    kernels take; the observer sees (B·nW, heads, N, N) probabilities."""
+    from torch.utils._python_dispatch import TorchDispatchMode   # private: op-level trace
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    model = small_model("PT-DiT", dtype=torch.float32, giim=False, shift_window=False,
+                        condition="class", num_classes=10)
+    x = torch.randn(2, 4, 16, 32)
+    with torch.no_grad(), Ops() as ops:
+        model(x, torch.rand(2) * 1000, torch.randint(0, 10, (2,)))
+    assert "aten._scaled_dot_product_flash_attention_for_cpu" in ops.seen
+    assert "aten.bmm" not in ops.seen          # no fallback to the math path
+    set_backend(model, "math")
+    shapes = []
+    model.blocks[0].attn.observer = lambda module, probs: shapes.append(tuple(probs.shape))
+    with torch.no_grad():
+        model(x, torch.rand(2) * 1000, torch.randint(0, 10, (2,)))
+    assert shapes == [(2 * 4, 4, 32, 32)]      # grid 8x16, 2x2 windows of 4x8 tokens
 
 
 @pytest.mark.parametrize("family", ["DiT", "PixArt", "PT-DiT", "PT-DiT-class"])

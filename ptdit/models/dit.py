@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from ..attention import Attention
 from ..configs import DiTConfig
-from ..layers import (LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate,
+from ..layers import (LabelEmbedder, Mlp, PatchEmbed, ShapeCache, TimestepEmbedder, modulate,
                       position_table, unpatchify)
-from ._common import LatentShape, check_labels, check_timesteps, parse_latent
+from .inputs import LatentShape, check_labels, check_timesteps, parse_latent
 
 
 #################################################################################
@@ -68,7 +68,6 @@ class DiT(nn.Module):
         self.in_channels = config.in_channels
         self.out_channels = config.in_channels * 2 if config.learn_sigma else config.in_channels
         self.patch_size = config.patch_size
-        self.num_heads = config.num_heads
 
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
         self.t_embedder = TimestepEmbedder(D, freq_shift=config.freq_shift)
@@ -81,6 +80,7 @@ class DiT(nn.Module):
             [DiTBlock(D, config.num_heads, config.mlp_ratio, config.norm_eps)
              for _ in range(config.depth)])
         self.final_layer = FinalLayer(D, config.patch_size, self.out_channels)
+        self._per_shape = ShapeCache()   # the position table of the last other shape
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -128,9 +128,11 @@ class DiT(nn.Module):
         base = self.config.input_size // self.patch_size
         if not shape.video and h == w == base:
             return self.pos_embed
-        table = position_table(self.config.hidden_size, F if shape.video else None, h, w,
-                               base_size=base, device=self.pos_embed.device)
-        return table[None].to(self.pos_embed.dtype)
+        like = self.pos_embed
+        key = (shape.grid, shape.video, like.device, like.dtype)
+        return self._per_shape.get(key, lambda: position_table(
+            self.config.hidden_size, F if shape.video else None, h, w, base_size=base,
+            device=like.device, dtype=like.dtype)[None])
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """
@@ -142,7 +144,7 @@ class DiT(nn.Module):
         shape = parse_latent(x, self.in_channels, self.patch_size, (1, 1, 1),
                              self.x_embedder.proj.weight.dtype)
         B = shape.batch
-        t = check_timesteps(t, B)
+        t = check_timesteps(t, B, x.device)
         check_labels(y, B, self.config.num_classes)
         x = self.x_embedder(shape.as_video(x)) + self.positions(shape)   # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)                      # (B, D)

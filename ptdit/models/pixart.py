@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from ..attention import Attention, CrossAttention, text_bias
 from ..configs import PixArtConfig
-from ..layers import (CaptionEmbedder, Mlp, PatchEmbed, SizeEmbedder, T2IFinalLayer,
-                      TimestepEmbedder, modulate, position_table, unpatchify)
-from ._common import check_text, check_timesteps, parse_latent
+from ..layers import (CaptionEmbedder, Mlp, PatchEmbed, ShapeCache, SizeEmbedder,
+                      T2IFinalLayer, TimestepEmbedder, modulate, position_table, unpatchify)
+from .inputs import check_text, check_timesteps, parse_latent
 
 
 #################################################################################
@@ -76,6 +76,7 @@ class PixArt(nn.Module):
             [PixArtBlock(D, config.num_heads, config.mlp_ratio, config.norm_eps)
              for _ in range(config.depth)])
         self.final_layer = T2IFinalLayer(D, config.patch_size, self.out_channels)
+        self._per_shape = ShapeCache()   # the position table of the last shape
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -115,10 +116,11 @@ class PixArt(nn.Module):
     def positions(self, grid: tuple[int, int, int], video: bool, like: Tensor) -> Tensor:
         """(1, T, D) sin-cos table for a token grid, interpolated to the configured base size."""
         F, h, w = grid
-        table = position_table(self.config.hidden_size, F if video else None, h, w,
-                               scale=self.config.pos_interp_scale, base_size=self.base_size,
-                               device=like.device)
-        return table[None].to(like.dtype)
+        key = (grid, video, like.device, like.dtype)
+        return self._per_shape.get(key, lambda: position_table(
+            self.config.hidden_size, F if video else None, h, w,
+            scale=self.config.pos_interp_scale, base_size=self.base_size, device=like.device,
+            dtype=like.dtype)[None])
 
     def size_condition(self, resolution: Tensor | None, aspect_ratio: Tensor | None,
                        batch: int) -> Tensor | None:
@@ -155,7 +157,7 @@ class PixArt(nn.Module):
         dtype = self.x_embedder.proj.weight.dtype
         shape = parse_latent(x, self.in_channels, self.patch_size, (1, 1, 1), dtype)
         B = shape.batch
-        t = check_timesteps(t, B)
+        t = check_timesteps(t, B, x.device)
         text = check_text(text, text_mask, B, self.config.caption_channels, dtype)
         x = self.x_embedder(shape.as_video(x))                          # (B, T, D)
         x = x + self.positions(shape.grid, shape.video, x)

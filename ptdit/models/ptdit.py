@@ -27,20 +27,24 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..attention import (Attention, CrossAttention, proxy_tokens, shift_window_bias,
-                         shift_windows, text_bias, window_count, window_partition,
+from ..attention import (Attention, CrossAttention, proxy_tokens, shift_permutation,
+                         shift_window_bias, text_bias, window_count, window_partition,
                          window_reverse)
 from ..configs import PTDiTConfig
-from ..layers import (CaptionEmbedder, LabelEmbedder, Mlp, PatchEmbed, T2IFinalLayer,
-                      TimestepEmbedder, modulate, position_table, unpatchify)
-from ._common import check_labels, check_text, check_timesteps, parse_latent
+from ..layers import (CaptionEmbedder, LabelEmbedder, Mlp, PatchEmbed, ShapeCache,
+                      T2IFinalLayer, TimestepEmbedder, compute_dtype, modulate, position_table,
+                      unpatchify)
+from .inputs import check_labels, check_text, check_timesteps, parse_latent
 
 
 class WindowLayout(NamedTuple):
-    """How one forward pass cuts its token grid: grid (F, h, w), window (c0, c1, c2) in tokens,
-    and the shifted-window bias (nW, 1, N, N) or None."""
+    """How one forward pass cuts its token grid, built once per (grid, window, batch, device):
+    grid (F, h, w) and window (c0, c1, c2) in tokens; for the shifted windows, the gathers that
+    roll the window-major stream and back, (T,) each, and the additive mask (B·nW, 1, N, N)."""
     grid: tuple[int, int, int]
     window: tuple[int, int, int]
+    shift_index: Tensor | None
+    unshift_index: Tensor | None
     shift_bias: Tensor | None
 
     @property
@@ -101,16 +105,15 @@ class PTDiTBlock(nn.Module):
             p = p + self.proxy_attn(self.norm_proxy(p))
             x = x + self.proxy_out(
                 self.proxy_cross_attn(self.norm_query(x), self.norm_proxy_kv(p)))
-        h = modulate(self.norm1(x), shift_msa, scale_msa).view(B, nW, N, D)  # window rows
+        h = modulate(self.norm1(x), shift_msa, scale_msa).view(B * nW, N, D)  # a window per row
         x = x + gate_msa * self.attn(h).view(B, T, D)
         if self.shift_window:
             shift_sw, scale_sw, gate_sw = (self.shift_scale_shift_table[None] + t[:, :3]).chunk(
                 3, dim=1)
             h = modulate(self.norm_shift(x), shift_sw, scale_sw)
-            h = shift_windows(h, layout.grid, layout.window).view(B, nW, N, D)  # rolled windows
+            h = h[:, layout.shift_index].view(B * nW, N, D)                # a rolled window per row
             h = self.shift_attn(h, layout.shift_bias).view(B, T, D)
-            h = shift_windows(h, layout.grid, layout.window, inverse=True)
-            x = x + self.shift_out(gate_sw * h)
+            x = x + self.shift_out(gate_sw * h[:, layout.unshift_index])    # rolled back
         if self.text:
             x = x + self.cross_attn(x, y, y_bias)
         x = x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -141,6 +144,7 @@ class PTDiT(nn.Module):
                        shift_window=config.shift_window)
             for _ in range(config.depth)])
         self.final_layer = T2IFinalLayer(D, config.patch_size, self.out_channels)
+        self._per_shape = ShapeCache()   # window layout, masks and positions of the last shape
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -153,47 +157,57 @@ class PTDiT(nn.Module):
                     nn.init.zeros_(out.weight)
                     nn.init.zeros_(out.bias)
 
-    def layout(self, grid: tuple[int, int, int], window: tuple[int, int, int],
-               like: Tensor) -> WindowLayout:
-        bias = (shift_window_bias(grid, window, like.dtype, like.device)
-                if self.config.shift_window else None)
-        return WindowLayout(grid, window, bias)
+    def layout(self, grid: tuple[int, int, int], window: tuple[int, int, int], batch: int,
+               like: Tensor) -> tuple[WindowLayout, Tensor]:
+        """The window layout and the (1, T, D) position table in window-major order, in the
+        table's compute dtype (float32, float64 for float64 models); cached per shape."""
+        key = (grid, window, batch, like.device, like.dtype)
+        return self._per_shape.get(key, lambda: self._build_layout(grid, window, batch, like))
 
-    def positions(self, layout: WindowLayout, like: Tensor) -> Tensor:
-        """(1, T, D) 3-D sin-cos table in window-major order."""
-        F, h, w = layout.grid
+    def _build_layout(self, grid, window, batch, like) -> tuple[WindowLayout, Tensor]:
+        shift = unshift = bias = None
+        if self.config.shift_window:
+            shift, unshift = (i.to(like.device) for i in shift_permutation(grid, window))
+            bias = shift_window_bias(grid, window, like.dtype, like.device)    # (nW, 1, N, N)
+            bias = bias.repeat(batch, 1, 1, 1)   # rows are batch-major: row b·nW + w -> window w
+        F, h, w = grid
         table = position_table(self.config.hidden_size, F, h, w,
-                               scale=self.config.pos_interp_scale, device=like.device)
-        return window_partition(table.reshape(1, F, h, w, -1), layout.window).to(like.dtype)
+                               scale=self.config.pos_interp_scale, device=like.device,
+                               dtype=compute_dtype(like.dtype))
+        positions = window_partition(table.reshape(1, F, h, w, -1), window)
+        return WindowLayout(grid, window, shift, unshift, bias), positions
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor, y_mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None
+                ) -> Tensor:
         """
         x: (B, C, H, W) image latents or (B, C, F, H, W) video / multi-view latents
         t: (B,) diffusion timesteps (0..1000)
-        y: (B, L, caption_channels) T5 features (text models) or (B,) class labels (S-Class)
-        y_mask: optional (B, L) caption keep-mask, 1 keeps a token (text models only)
+        text: (B, L, caption_channels) T5 features — for the class-conditional PT-DiT/S-Class,
+            (B,) class labels instead
+        text_mask: optional (B, L) caption keep-mask, 1 keeps a token (text models only)
         returns (B, 2C, H, W) or (B, 2C, F, H, W)
         """
         dtype = self.x_embedder.proj.weight.dtype
-        shape = parse_latent(x, self.in_channels, self.patch_size, (1, 1, 1), dtype)
+        frames = x.shape[2] if x.dim() == 5 else 1
+        multiple, unit = self.config.grid_multiple(frames)
+        shape = parse_latent(x, self.in_channels, self.patch_size, multiple, dtype, unit)
         window = self.config.window_for(shape.grid)
-        parse_latent(x, self.in_channels, self.patch_size, window, dtype)
         B = shape.batch
-        t = check_timesteps(t, B)
+        t = check_timesteps(t, B, x.device)
         x = self.x_embedder(shape.as_video(x))                            # (B, T, D) raster
-        layout = self.layout(shape.grid, window, x)
+        layout, positions = self.layout(shape.grid, window, B, x)
         x = window_partition(x.unflatten(1, shape.grid), window)          # (B, T, D) window-major
-        x = x + self.positions(layout, x)
+        x = (x.to(positions.dtype) + positions).to(dtype)   # added in float32 as released
         t = self.t_embedder(t)                                            # (B, D)
         if self.config.condition == "text":
-            y = check_text(y, y_mask, B, self.config.caption_channels, dtype)
-            y_bias = text_bias(y_mask, x.dtype)                           # (B, 1, 1, L)
+            y = check_text(text, text_mask, B, self.config.caption_channels, dtype)
+            y_bias = text_bias(text_mask, x.dtype)                        # (B, 1, 1, L)
             y = self.y_embedder(y)                                        # (B, L, D)
         else:
-            check_labels(y, B, self.config.num_classes)
-            if y_mask is not None:
-                raise ValueError("y_mask applies to captions; this model is class-conditional")
-            t = t + self.y_embedder(y)                                    # c = t + y, (B, D)
+            check_labels(text, B, self.config.num_classes)
+            if text_mask is not None:
+                raise ValueError("text_mask applies to captions; this model is class-conditional")
+            t = t + self.y_embedder(text)                                 # c = t + y, (B, D)
             y, y_bias = None, None
         t0 = self.t_block(t)                                              # (B, 6·D)
         for block in self.blocks:

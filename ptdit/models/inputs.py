@@ -48,9 +48,10 @@ def check_dtype(what: str, x: Tensor, dtype: torch.dtype) -> None:
 
 
 def parse_latent(x: Tensor, in_channels: int, patch_size: int, multiple: tuple[int, int, int],
-                 dtype: torch.dtype) -> LatentShape:
-    """Checks a latent batch; `multiple` = token-grid multiples (frames, rows, cols) required,
-    `dtype` the model's."""
+                 dtype: torch.dtype, unit: str = "window") -> LatentShape:
+    """Checks a latent batch against the model: channels, dtype, and a token grid that is a
+    multiple of `multiple` (frames, rows, cols) — a window size, or `unit` = "windows per side"
+    for PT-DiT's schedule. Messages give the nearest valid sizes in latent pixels and pixels."""
     if x.dim() not in (4, 5):
         raise ValueError(f"latents must be (B, C, H, W) or (B, C, F, H, W), got shape "
                          f"{tuple(x.shape)}")
@@ -61,16 +62,18 @@ def parse_latent(x: Tensor, in_channels: int, patch_size: int, multiple: tuple[i
     H, W = x.shape[-2:]
     if C != in_channels:
         raise ValueError(f"latents have {C} channels; this model takes {in_channels}")
-    if B < 1:
-        raise ValueError("empty batch: latents must hold at least one sample")
+    if min(B, F, H, W) < 1:
+        raise ValueError(f"latents must be non-empty, got shape {tuple(x.shape)}")
     for name, n, m in (("height", H, multiple[1]), ("width", W, multiple[2])):
         step = patch_size * m
         if n % step:
-            px = nearest_multiples(n, step)
+            near = nearest_multiples(n, step)
+            near_px = " or ".join(str(int(v) * VAE_SPATIAL) for v in near.split(" or "))
             raise ValueError(
                 f"latent {name} {n} ({n * VAE_SPATIAL} px) is not divisible by patch {patch_size}"
-                f" × window {m} = {step}; allowed: multiples of {step} latent pixels "
-                f"({step * VAE_SPATIAL} px); nearest valid: {px} latent pixels")
+                f" × {unit} {m} = {step}; allowed: multiples of {step} latent pixels "
+                f"({step * VAE_SPATIAL} px); nearest valid: {near} latent pixels "
+                f"({near_px} px)")
     if F % multiple[0]:
         raise ValueError(
             f"{F} latent frames are not divisible by the temporal window {multiple[0]}; allowed: "
@@ -78,8 +81,14 @@ def parse_latent(x: Tensor, in_channels: int, patch_size: int, multiple: tuple[i
     return LatentShape(B, C, F, H, W, patch_size, video)
 
 
-def check_timesteps(t: Tensor, batch: int) -> Tensor:
-    """(B,) timesteps; a 0-d tensor is broadcast to the batch."""
+def check_timesteps(t: Tensor | float | list, batch: int, device: torch.device) -> Tensor:
+    """(B,) timesteps; a number or 0-d tensor is broadcast to the batch."""
+    if not isinstance(t, Tensor):
+        try:
+            t = torch.as_tensor(t, dtype=torch.float32, device=device)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"timesteps must be a number or a ({batch},) tensor, got "
+                             f"{type(t).__name__} ({err})") from None
     if t.dim() == 0:
         return t.expand(batch)
     if t.shape != (batch,):
@@ -97,6 +106,8 @@ def check_text(text: Tensor, mask: Tensor | None, batch: int, channels: int,
     if text.dim() != 3 or text.shape[0] != batch or text.shape[2] != channels:
         raise ValueError(f"caption features must have shape ({batch}, L, {channels}) for a batch "
                          f"of {batch}, got {tuple(text.shape)}")
+    if text.shape[1] < 1:
+        raise ValueError("captions must hold at least one token (L >= 1), got L = 0")
     check_dtype("caption features", text, dtype)
     if mask is not None and mask.shape != text.shape[:2]:
         raise ValueError(f"text mask must have shape {tuple(text.shape[:2])} (batch, caption "
@@ -105,9 +116,13 @@ def check_text(text: Tensor, mask: Tensor | None, batch: int, channels: int,
 
 
 def check_labels(y: Tensor, batch: int, num_classes: int) -> None:
+    """(B,) integer class labels in 0..num_classes (num_classes is the null class). The value
+    range is checked on CPU tensors only: elsewhere it would cost a device sync per forward and
+    break torch.compile graphs."""
     if y.shape != (batch,) or y.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"class labels must be an int64 tensor of shape ({batch},) for a batch "
-                         f"of {batch}, got {y.dtype} {tuple(y.shape)}")
-    if y.device.type != "meta" and ((y < 0) | (y > num_classes)).any():
+        raise ValueError(f"class labels must be an integer tensor of shape ({batch},) for a "
+                         f"batch of {batch}, got {y.dtype} {tuple(y.shape)}")
+    if y.device.type == "cpu" and not torch.compiler.is_compiling() and \
+            ((y < 0) | (y > num_classes)).any():
         raise ValueError(f"class labels must lie in 0..{num_classes} ({num_classes} is the null "
                          f"class), got {sorted(set(y.tolist()))}")
