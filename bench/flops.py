@@ -19,6 +19,9 @@ Counter traps handled here (shared/reference/environment.md §2, baselines_and_t
   5 per element (handle returns 0: norms are not MACs in any convention here) and prices the
   single-operand `einsum` of `unpatchify` — a pure permutation — at half its elements (handle
   returns 0 for one operand, fvcore's own count otherwise).
+
+The counted model is built on `meta` in the row's dtype, with the forward inputs it requires
+(PixArtMS's image size and aspect ratio included), so any config override counts as built.
 """
 
 import platform
@@ -31,11 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+# Private, and the only private torch import of ptdit/bench: torch has no public hook that sees
+# every aten op with its output (TorchFunctionMode sees Python-level calls, before SDPA and
+# F.linear decompose into the mm/bmm whose outputs are the activations counted here), and
+# FlopCounterMode itself is built on this class. If it moves, only _MacOutputs needs changing.
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ptdit
 from ptdit import complexity
 from ptdit.attention import BACKENDS, set_backend
-from ptdit.models.inputs import LatentShape
+from ptdit.models.inputs import VAE_SPATIAL, LatentShape
 
 COUNTERS = ("analytic", "torch", "fvcore")
 SCHEMA_VERSION = 1
@@ -48,18 +56,26 @@ MAC_OPS = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm,
 #################################################################################
 
 def example_inputs(model: nn.Module, shape: LatentShape, text_tokens: int,
-                   device: str | torch.device = "meta") -> tuple[Tensor, ...]:
-    """Fresh random forward inputs for `model` (empty tensors on meta): latents (B, C, H, W) or
-    (B, C, F, H, W), timesteps (B,), and captions (B, L, caption_channels) or labels (B,)."""
-    config = model.config
-    dims = (shape.batch, shape.channels) + ((shape.frames,) if shape.video else ())
-    x = torch.randn(*dims, shape.height, shape.width, device=device)
-    t = torch.randint(0, 1000, (shape.batch,), device=device).float()
+                   device: str | torch.device = "meta") -> tuple[Tensor | None, ...]:
+    """Fresh random positional forward inputs for `model` (empty tensors on meta), latents and
+    captions in the model's dtype: latents (B, C, H, W) or (B, C, F, H, W), timesteps (B,), and
+    captions (B, L, caption_channels) or labels (B,); for a micro-conditioned PixArt also
+    text_mask None, resolution (B, 2) in pixels and aspect_ratio (B, 1) = height / width."""
+    config, B = model.config, shape.batch
+    dtype = next(model.parameters()).dtype
+    dims = (B, shape.channels) + ((shape.frames,) if shape.video else ())
+    x = torch.randn(*dims, shape.height, shape.width, device=device, dtype=dtype)
+    t = torch.randint(0, 1000, (B,), device=device).float()
     if complexity.is_text_conditioned(config):
-        cond = torch.randn(shape.batch, text_tokens, config.caption_channels, device=device)
+        cond = torch.randn(B, text_tokens, config.caption_channels, device=device, dtype=dtype)
     else:
-        cond = torch.randint(0, config.num_classes, (shape.batch,), device=device)
-    return x, t, cond
+        cond = torch.randint(0, config.num_classes, (B,), device=device)
+    if not complexity.is_micro_conditioned(config):
+        return x, t, cond
+    pixels = [shape.height * VAE_SPATIAL, shape.width * VAE_SPATIAL]
+    resolution = torch.tensor([pixels] * B, device=device, dtype=torch.float32)
+    aspect_ratio = torch.full((B, 1), shape.height / shape.width, device=device)
+    return x, t, cond, None, resolution, aspect_ratio
 
 
 def category_of(name: str, module: nn.Module, parent: nn.Module | None) -> str:
@@ -77,7 +93,8 @@ def category_of(name: str, module: nn.Module, parent: nn.Module | None) -> str:
         return "linear_mlp"
     if name.startswith(("x_embedder.", "final_layer.")):
         return "linear_io"
-    if name.startswith(("t_embedder.", "y_embedder.", "t_block.")) or "adaLN_modulation" in name:
+    if name.startswith(("t_embedder.", "y_embedder.", "t_block.", "csize_embedder.",
+                        "ar_embedder.")) or "adaLN_modulation" in name:
         return "linear_cond"
     return "other"
 
@@ -112,7 +129,7 @@ def _sdpa_cpu_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(q, k, v)
 
 
-class _OutputElements(torch.utils._python_dispatch.TorchDispatchMode):
+class _MacOutputs(TorchDispatchMode):
     """Sums the output elements of every MAC-doing aten op (the closed form's activations)."""
 
     def __init__(self):
@@ -130,7 +147,7 @@ def count_torch(model: nn.Module, inputs: tuple) -> tuple[dict[str, int], int]:
     """(MACs per category, MAC-op output elements) by FlopCounterMode; any device."""
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
     counter = FlopCounterMode(display=False, custom_mapping=mapping)
-    outputs = _OutputElements()
+    outputs = _MacOutputs()
     with torch.no_grad(), counter, outputs:
         model(*inputs)
     root = type(model).__name__
@@ -241,27 +258,26 @@ def environment(device: str, backend: str, dtype: str = "float32") -> dict:
 
 
 def count(work: complexity.Workload, counter: str, backend: str = "sdpa",
-          dtype_bytes: int = 4) -> dict:
+          dtype: str | torch.dtype = "float32") -> dict:
     """One row for a validated workload: the counter's MACs per category, in every convention.
 
-    Parameters and the analytic activation bytes are reported by every counter's row (the
-    parameters counted on the built model for `torch`/`fvcore`); `torch` also counts the
-    activations itself (outputs of every MAC op, math-path SDPA on meta)."""
+    `torch` and `fvcore` count the model built on meta in `dtype`. Every row reports parameters
+    (counted on the built model for `torch`/`fvcore`) and activation MiB at `dtype`'s element
+    size: `torch` counts the activation elements itself (outputs of every MAC op, SDPA as its
+    math path on meta), `fvcore` leaves them empty. Bytes are elements × the element size, as in
+    the closed form: on meta, torch's SDPA math path upcasts half/bfloat16 products to float32,
+    which no fused kernel stores. A failed count is a row whose `status` says why (`error: …`)."""
     if counter not in COUNTERS:
         raise ValueError(f"unknown counter {counter!r}; allowed: {', '.join(COUNTERS)}")
+    dtype = complexity.dtype_name(dtype)
     row = {**complexity.describe_workload(work), "counter": counter}
     if counter == "analytic":
-        env = environment("none (closed form)", "any")
-        every, trainable = complexity.parameters(work)
-        act, scores = complexity.activation_elements(work)
-        row.update(params=every, params_trainable=trainable,
-                   **complexity.cost_columns(complexity.macs(work)),
-                   activation_mib=act * dtype_bytes / 2**20,
-                   attn_scores_mib=scores * dtype_bytes / 2**20, status="ok")
-        return {**env, **row}
-    env = environment("meta (shapes only)", backend)
+        env = environment("none (closed form)", "any", dtype)
+        return {**env, **row, **complexity.closed_form(work, dtype), "status": "ok"}
+    env = environment("meta (shapes only)", backend, dtype)
     try:
-        model = ptdit.build(work.name, device="meta", **work.overrides).eval()
+        model = ptdit.build(work.name, device="meta", dtype=getattr(torch, dtype),
+                            **work.overrides)
         set_backend(model, backend)
         inputs = example_inputs(model, work.shape, work.text_tokens)
         params = sum(p.numel() for p in model.parameters())
@@ -269,7 +285,7 @@ def count(work: complexity.Workload, counter: str, backend: str = "sdpa",
         act = None
         if counter == "torch":
             per_category, elements = count_torch(model, inputs)
-            act = elements * dtype_bytes / 2**20
+            act = elements * getattr(torch, dtype).itemsize / 2**20
         else:
             per_category = count_fvcore(model, inputs)
         other = per_category.pop("other")
@@ -278,7 +294,7 @@ def count(work: complexity.Workload, counter: str, backend: str = "sdpa",
         row.update(params=params, params_trainable=trainable,
                    **complexity.cost_columns(per_category), activation_mib=act,
                    attn_scores_mib=None, status="ok")
-    except (RuntimeError, AssertionError) as err:
+    except Exception as err:   # failure is data: the row says what went wrong (STYLE.md §4)
         row["status"] = f"error: {type(err).__name__}: {err}"
     return {**env, **row}
 
@@ -287,9 +303,10 @@ def sweep(models: Iterable[str], resolutions: Iterable[int],
           frames: Iterable[int | None] = (None,), batch: int = 1,
           text_tokens: int = complexity.DEFAULT_TEXT_TOKENS,
           counters: Iterable[str] = ("analytic",), backend: str = "sdpa",
-          **overrides) -> Iterator[dict]:
+          dtype: str | torch.dtype = "float32", **overrides) -> Iterator[dict]:
     """Rows for every model × resolution × frames × counter; frames are latent frames (None: an
     image). Every request is validated (a ValueError raised) before the first count starts."""
+    dtype = complexity.dtype_name(dtype)
     counters = list(counters)
     for c in counters:
         if c not in COUNTERS:
@@ -300,5 +317,5 @@ def sweep(models: Iterable[str], resolutions: Iterable[int],
         raise ValueError(f"unknown attention backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     for work in works:
         for c in counters:
-            yield count(work, c, backend)
+            yield count(work, c, backend, dtype)
 

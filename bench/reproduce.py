@@ -3,7 +3,9 @@
 Reads the published numbers from bench/published.csv (one row per printed value, citing the
 figure or table and the paper version) and writes, to an output folder:
 - complexity.csv: one row per (published value, convention of ours), with rel_diff = ours/paper − 1
-  and a note saying why the two differ where they do;
+  and a note saying why the two differ where they do; `unit` is the unit of both `paper_value`
+  and `ours` as compared (GMACs, or % for ratios and reductions), `printed_unit` the paper's label
+  (the DiT paper's "Gflops" and the PT-DiT paper's "GFLOPs" are MACs, paper.md §3.5);
 - complexity.md: the same as Markdown tables, plus the headline claims, the Eq. 4 ratios and the
   matched-width comparisons (ours only);
 - gflops_vs_resolution.png, attention_share.png, video_vs_frames.png.
@@ -47,9 +49,9 @@ def printed_tolerance(printed: str, value: float) -> float:
 
 
 @lru_cache(maxsize=None)
-def cost(model: str, resolution: int, frames: int = 1) -> dict:
+def cost(model: str, resolution: int, frames: int = 1, **overrides) -> dict:
     """Closed-form row, batch 1, 120 text tokens; frames=1 is an image."""
-    return complexity.costs(model, resolution, None if frames == 1 else frames)
+    return complexity.costs(model, resolution, None if frames == 1 else frames, **overrides)
 
 
 def _video(frames) -> bool:
@@ -60,15 +62,18 @@ def _video(frames) -> bool:
 #                  Why the PT-DiT figures differ: implied coefficients          #
 #################################################################################
 
-def per_token_coefficient(model: str, points: list[tuple[int, float]]) -> float:
-    """Linear MACs per token per block, in units of D², implied by (tokens, GMACs) points: the
-    least-squares slope over tokens, less the patch embed and final layer (per token, outside
-    the blocks), divided by depth·D². Constant terms (proxies, text, embedders) drop out."""
-    tokens, gmacs = np.array(points, dtype=float).T
-    slope = np.polyfit(tokens, gmacs * 1e9, 1)[0]
-    c = get_config(model)
-    io = c.in_channels * c.patch_size**2 * c.hidden_size * (1 + 2 * c.learn_sigma)
-    return (slope - io) / (c.depth * c.hidden_size**2)
+def per_token_coefficient(model: str, points: list[tuple[int, int, float]],
+                          **overrides) -> float:
+    """Linear MACs per token per block, in units of D², implied by (resolution, latent frames,
+    linear GMACs) points: the least-squares slope over tokens of the GMACs less the closed form's
+    patch embed and final layer (`linear_io`, outside the blocks) at each point, divided by
+    depth·D². Constant terms (proxies, text, embedders) drop out of the slope."""
+    rows = [(cost(model, r, f, **overrides), gmacs) for r, f, gmacs in points]
+    tokens = [c["tokens"] for c, _ in rows]
+    blocks = [(gmacs - c["linear_io_gmacs"]) * 1e9 for c, gmacs in rows]
+    slope = np.polyfit(np.array(tokens, dtype=float), np.array(blocks), 1)[0]
+    c = get_config(model, **overrides)
+    return slope / (c.depth * c.hidden_size**2)
 
 
 def implied_coefficients(published: pd.DataFrame) -> pd.DataFrame:
@@ -82,9 +87,9 @@ def implied_coefficients(published: pd.DataFrame) -> pd.DataFrame:
             continue
         paper, ours = [], []
         for r in group.itertuples():
-            c = cost(model, int(r.resolution), int(r.latent_frames))
-            paper.append((c["tokens"], r.value))
-            ours.append((c["tokens"], c["linear_gmacs"]))
+            res, frames = int(r.resolution), int(r.latent_frames)
+            paper.append((res, frames, r.value))
+            ours.append((res, frames, cost(model, res, frames)["linear_gmacs"]))
         rows.append({"model": model, "video": video, "points": len(group),
                      "paper_coef_d2": per_token_coefficient(model, paper),
                      "ours_coef_d2": per_token_coefficient(model, ours)})
@@ -100,7 +105,8 @@ def _row(p, convention: str, ours: float, note: str, **extra) -> dict:
             "figure_or_table": p.figure_or_table, "model": p.model,
             "ptdit_model": p.ptdit_model, "resolution": p.resolution,
             "latent_frames": p.latent_frames, "paper_convention": p.convention,
-            "convention": convention, "paper_value": p.value, "unit": p.unit, "ours": ours,
+            "convention": convention, "paper_value": p.value, "ours": ours,
+            "unit": "%" if p.unit == "%" else "GMACs", "printed_unit": p.unit,
             "rel_diff": ours / p.value - 1, "note": note, **extra}
 
 
@@ -165,9 +171,11 @@ def eq4_rows(published: pd.DataFrame) -> list[dict]:
         ours = 100 * sum(ca[k] for k in GIIM_TCM) / cb["attn_global_gmacs"]
         P = int(np.prod([int(s) for s in ca["window"].split("x")]))
         N = ca["tokens"]
-        formula = 100 * (1 / P**2 + 1 / P + 2 * P / N)    # Eq. 4 over Eq. 3
-        note = (f"our counts equal Eq. 4 evaluated at P={P}, N={N} ({formula:.1f}%)"
-                + ("" if abs(ours - p.value) < 0.1 else
+        formula = 100 * (1 / P**2 + 1 / P + 2 * P / N)    # the paper's Eq. 4 over its Eq. 3
+        same = abs(ours - formula) < 1e-9 * formula
+        note = (f"our counts {'equal' if same else 'differ from'} Eq. 4 evaluated at P={P}, "
+                f"N={N} ({formula:.1f}%)"
+                + ("" if abs(formula - p.value) < 0.1 else
                    f"; the paper's {p.value}% does not follow from its own Eq. 4"))
         rows.append(_row(p, "attention-ratio", ours, note, tokens=N))
     return rows
@@ -195,19 +203,24 @@ def claim_rows(published: pd.DataFrame) -> list[dict]:
 
 
 def matched_width_rows(resolutions=(256, 512, 1024, 2048)) -> list[dict]:
-    """PT-DiT/XL against PixArt-XL/2 and DiT-XL/2 (all D=1152, 28 blocks): ours only."""
+    """PT-DiT/XL against PixArt-XL/2 and DiT-XL/2 (all D=1152, 28 blocks): ours only. `ours` is
+    the reduction in % (100·(1 − PT-DiT/XL / base)): negative means PT-DiT/XL costs more."""
     rows = []
     for base in ("PixArt-XL/2", "DiT-XL/2"):
         for r in resolutions:
             a, b = cost("PT-DiT/XL", r), cost(base, r)
             for convention, col in CONVENTION_COLUMN.items():
+                ratio = a[col] / b[col]
                 rows.append({"source": "ours (no published value)", "paper_version": "",
                              "figure_or_table": "matched width", "model": f"PT-DiT/XL vs {base}",
                              "ptdit_model": f"PT-DiT/XL vs {base}", "resolution": r,
-                             "latent_frames": 1, "paper_convention": "", "convention": convention,
-                             "paper_value": None, "unit": "%", "ours": 100 * (1 - a[col] / b[col]),
-                             "rel_diff": None,
-                             "note": f"reduction; {a[col]:.1f} vs {b[col]:.1f} GMACs"})
+                             "latent_frames": 1, "paper_convention": "",
+                             "convention": convention, "paper_value": None,
+                             "ours": 100 * (1 - ratio), "unit": "%", "printed_unit": "",
+                             "rel_diff": None, "ptdit_gmacs": a[col], "base_gmacs": b[col],
+                             "note": f"reduction_pct = 100·(1 − ratio); PT-DiT/XL {a[col]:.1f} "
+                                     f"vs {base} {b[col]:.1f} GMACs: ratio {ratio:.2f} "
+                                     f"({'cheaper' if ratio < 1 else 'costlier'})"})
     return rows
 
 
@@ -236,11 +249,16 @@ def markdown(df: pd.DataFrame, published: pd.DataFrame) -> str:
            "exactly on the real modules (tests/test_flops.py). Conventions: `linear-macs` = "
            "linear/conv layers only (the PT-DiT paper's figures, inferred); `macs` = linear + "
            "attention products QKᵀ and AV (the DiT paper's Gflops); FLOPs = 2 × MACs. Norms and "
-           "elementwise ops count 0. `rel diff` = ours / paper − 1.", ""]
+           "elementwise ops count 0. `rel_diff` = ours / paper − 1. Both papers' printed "
+           "\"Gflops\"/\"GFLOPs\" are MACs (DiT: its issue #14; PT-DiT: inferred, paper.md "
+           "§3.5), so their values sit in `paper_gmacs` columns.", ""]
 
     dit = df[df.source == "DiT"]
-    out += ["## DiT paper, Table 4 (Gflops = MACs, 256 px unless stated)", "",
-            _table(dit, ["model", "resolution", "paper_value", "ours", "rel_diff", "note"]),
+    out += ["## DiT paper, Table 4 (its \"Gflops\" are MACs; 256 px unless stated)", "",
+            _table(dit.rename(columns={"paper_value": "paper_gmacs",
+                                       "ours": "ours_total_gmacs"}),
+                   ["model", "resolution", "paper_gmacs", "ours_total_gmacs", "rel_diff",
+                    "note"]),
             f"\n{dit.note.str.contains('agrees').sum()} of {len(dit)} agree within 0.2% or the "
             f"table's printed rounding; largest |rel diff| {100 * dit.rel_diff.abs().max():.2f}%"
             f" ({dit.loc[dit.rel_diff.abs().idxmax(), 'model']}).", ""]
@@ -252,26 +270,38 @@ def markdown(df: pd.DataFrame, published: pd.DataFrame) -> str:
         wide = _wide(fig)
         out += [f"## {title}", "", wide.to_markdown(index=False), ""]
 
-    eq4 = df[df.convention == "attention-ratio"]
+    pct = {"paper_value": "paper_pct", "ours": "ours_pct"}
+    eq4 = df[df.convention == "attention-ratio"].rename(columns=pct)
     out += ["## Eq. 4: PT-DiT attention products as % of global self-attention", "",
-            _table(eq4, ["resolution", "tokens", "paper_value", "ours", "note"]), ""]
+            _table(eq4, ["resolution", "tokens", "paper_pct", "ours_pct", "note"]), ""]
 
-    claims = df[df.paper_convention.isin(["reduction", "ratio"])]
-    out += ["## Headline claims, recomputed (%)", "",
+    claims = df[(df.source != "ours (no published value)")
+                & df.paper_convention.isin(["reduction", "ratio"])].rename(columns=pct)
+    out += ["## Headline claims, recomputed", "",
+            "`reduction` = 100·(1 − a / b) %, `ratio` = 100·a / b %, for the pair \"a vs b\".", "",
             _table(claims, ["paper_version", "figure_or_table", "ptdit_model", "resolution",
-                            "paper_convention", "paper_value", "convention", "ours", "note"]),
+                            "paper_convention", "paper_pct", "convention", "ours_pct", "note"]),
             ""]
 
-    matched = df[df.figure_or_table == "matched width"]
-    out += ["## Matched width (D = 1152, 28 blocks): PT-DiT/XL reduction, ours only (%)", "",
-            _table(matched, ["model", "resolution", "convention", "ours", "note"]), ""]
+    matched = df[df.figure_or_table == "matched width"].rename(columns={"ours": "reduction_pct"})
+    cheaper = matched[matched.reduction_pct > 0]
+    cheaper = ", ".join(f"{c} from {int(g.resolution.min())} px"
+                        for c, g in cheaper.groupby("convention", sort=False)) or "nowhere"
+    out += ["## Matched width (D = 1152, 28 blocks): PT-DiT/XL vs each base, ours only", "",
+            "`reduction_pct` = 100·(1 − PT-DiT/XL / base): positive = PT-DiT/XL costs less, "
+            "negative = it costs more (−63% is 1.63× the base's MACs). Per token and block "
+            "PT-DiT/XL has 22·D² linear MACs against PixArt-XL/2's 14·D² and DiT-XL/2's 12·D², "
+            "and saves on attention products only as global attention grows with tokens²; here "
+            f"it costs less in: {cheaper}.", "",
+            _table(matched, ["model", "resolution", "convention", "ptdit_gmacs", "base_gmacs",
+                             "reduction_pct"]), ""]
 
     skipped = published[~published.ptdit_model.isin(set(list_models()))
                         & ~published.ptdit_model.str.contains(" vs ")]
     out += ["## Published but not compared", "",
-            _table(skipped.rename(columns={"value": "paper_value"}),
+            _table(skipped.rename(columns={"value": "paper_value", "unit": "printed_unit"}),
                    ["paper_version", "figure_or_table", "model", "resolution", "latent_frames",
-                    "paper_value", "note"]), ""]
+                    "paper_value", "printed_unit", "note"]), ""]
     return "\n".join(out)
 
 
@@ -279,9 +309,11 @@ def _table(df: pd.DataFrame, columns: list[str]) -> str:
     view = df[columns].copy()
     if "rel_diff" in view:
         view["rel_diff"] = view["rel_diff"].map(_pct)
-    if "ours" in view:
-        view["ours"] = view["ours"].map(
-            lambda v: f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}" if abs(v) < 1000 else f"{v:.1f}")
+    for column in ("ours_total_gmacs", "ours_pct", "reduction_pct", "ptdit_gmacs", "base_gmacs"):
+        if column in view:
+            view[column] = view[column].map(
+                lambda v: f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}" if abs(v) < 1000
+                else f"{v:.1f}")
     return view.to_markdown(index=False)
 
 
@@ -295,7 +327,7 @@ def _wide(fig: pd.DataFrame) -> pd.DataFrame:
         own = by[lin.paper_convention]
         lines.append({"figure": lin.figure_or_table, "paper model": lin.model,
                       "ours": lin.ptdit_model, "res": lin.resolution, "frames": lin.latent_frames,
-                      "paper": lin.paper_value, "paper conv.": lin.paper_convention,
+                      "paper_gmacs": lin.paper_value, "paper conv.": lin.paper_convention,
                       "ours linear_gmacs": round(lin.ours, 1), "rel (linear)": _pct(lin.rel_diff),
                       "ours total_gmacs": round(full.ours, 1), "rel (total)": _pct(full.rel_diff),
                       "note": own.note})

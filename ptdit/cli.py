@@ -5,7 +5,7 @@
                   [--dtype float32|bfloat16|float16|float64] [--config JSON] [--force]
     ptdit flops --model M [M ...] --resolution R [R ...] [--frames F ...] [--batch B]
                 [--text-tokens L] [--window F H W] [--counter analytic|torch|fvcore|all]
-                [--backend sdpa|math] [--format ...]
+                [--backend sdpa|math] [--dtype float32|bfloat16|float16|float64] [--format ...]
     ptdit reproduce [--out DIR]
 """
 
@@ -28,21 +28,18 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
-    import torch
-
     from ptdit.interop import load, save, target_format
+    from ptdit.interop.load import read_json
 
     config = None
     if args.config is not None:
         path = Path(args.config)
         if not path.is_file():
             raise ValueError(f"--config {path} does not exist")
-        config = json.loads(path.read_text())
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = load(args.src, name=args.name, format=args.format, dtype=dtype, config=config)
+        config = read_json(path, "the --config JSON")
+    model = load(args.src, name=args.name, format=args.format, dtype=args.dtype, config=config)
     fmt = target_format(model.config.family, args.to)
     paths = save(model, args.dst, fmt.name, force=args.force)
     dtype = next(model.parameters()).dtype
@@ -64,7 +61,7 @@ def cmd_flops(args: argparse.Namespace) -> int:
     counters = COUNTERS if args.counter == "all" else (args.counter,)
     overrides = {"window": tuple(args.window)} if args.window else {}
     rows = list(sweep(args.model, args.resolution, args.frames or (None,), args.batch,
-                      args.text_tokens, counters, args.backend, **overrides))
+                      args.text_tokens, counters, args.backend, args.dtype, **overrides))
     df = pd.DataFrame(rows)
     if args.format in ("table", "markdown"):
         zero = [c for c in df.columns if c.startswith(("linear_", "attn_"))
@@ -134,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default="analytic")
     p.add_argument("--backend", choices=("sdpa", "math"), default="sdpa",
                    help="attention backend the counted models run (default sdpa)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="element type: activation_mib and attn_scores_mib scale with its size, "
+                   "MACs and params do not; torch/fvcore count the model built in it "
+                   "(default float32)")
     p.add_argument("--format", choices=FORMATS, default="table")
     p.set_defaults(func=cmd_flops)
 

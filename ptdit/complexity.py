@@ -13,12 +13,17 @@ Counting convention (DESIGN.md "Units"):
 
 Categories: linear layers split into attention projections (`attn_proj`: q/k/v/out of every
 attention plus PT-DiT's zero-initialised `proxy_out` and `shift_out`), `mlp`, conditioning
-(`cond`: timestep/label/caption embedders, adaLN-single `t_block`, DiT's per-block adaLN) and
-`io` (patch embed and final layer); attention products split by the module's `kind`.
+(`cond`: timestep/label/caption embedders, PixArtMS's size and aspect-ratio embedders,
+adaLN-single `t_block`, DiT's per-block adaLN) and `io` (patch embed and final layer);
+attention products split by the module's `kind`.
+
+Parameters are what `model.parameters()` holds (DiT's frozen position table included, as
+non-trainable); buffers are not parameters (PixArt's null caption `y_embedding` is a buffer).
 
 Activation bytes count the outputs of every MAC-counted operation as the unfused ("math")
 attention backend materialises them: each linear/conv output, each QKᵀ score matrix and each
-attention output. `attn_scores_mib` is the score-matrix part, which fused SDPA never stores.
+attention output, at the element size of the row's `dtype` (MACs and parameters do not depend
+on it). `attn_scores_mib` is the score-matrix part, which fused SDPA never stores.
 """
 
 import math
@@ -36,6 +41,7 @@ LINEAR_CATEGORIES = ("attn_proj", "mlp", "cond", "io")
 ATTENTION_CATEGORIES = KINDS
 DEFAULT_TEXT_TOKENS = 120   # T5 tokens of PixArt-alpha and PT-DiT (both papers' setting)
 FREQUENCY_CHANNELS = 256    # sinusoidal timestep features fed to the timestep MLP
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,19 @@ class Workload:
 
 def is_text_conditioned(config) -> bool:
     return isinstance(config, PixArtConfig) or getattr(config, "condition", None) == "text"
+
+
+def is_micro_conditioned(config) -> bool:
+    """PixArtMS: image size and aspect ratio are embedded and added to the embedded timestep."""
+    return isinstance(config, PixArtConfig) and config.micro_condition
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """The name ('float32', 'bfloat16', 'float16', 'float64') of a name or torch dtype."""
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+    return name
 
 
 def workload(name: str, resolution: int, frames: int | None = None, batch: int = 1,
@@ -161,6 +180,10 @@ def layers(work: Workload) -> Iterator[Linear | Products | Table]:
     yield Linear("io", B * T, c.in_channels * p * p, D)                 # patch embed (Conv2d)
     yield Linear("cond", B, FREQUENCY_CHANNELS, D)                       # timestep MLP
     yield Linear("cond", B, D, D)
+    if is_micro_conditioned(c):   # the timestep MLP at width D/3, once per scalar
+        for scalars in (2, 1):    # csize_embedder (height, width), ar_embedder (aspect ratio)
+            yield Linear("cond", B * scalars, FREQUENCY_CHANNELS, D // 3)
+            yield Linear("cond", B * scalars, D // 3, D // 3)
     if text:
         yield Linear("cond", B * L, c.caption_channels, D)               # caption MLP
         yield Linear("cond", B * L, D, D)
@@ -272,19 +295,27 @@ def describe_workload(work: Workload) -> dict:
     }
 
 
-def costs(name: str, resolution: int, frames: int | None = None, batch: int = 1,
-          text_tokens: int = DEFAULT_TEXT_TOKENS, dtype_bytes: int = 4, **overrides) -> dict:
-    """One row of closed-form costs: shape columns, parameters, GMACs per category and in every
-    convention, and activation MiB at `dtype_bytes` per element (4 = float32)."""
-    work = workload(name, resolution, frames, batch, text_tokens, **overrides)
+def closed_form(work: Workload, dtype: str | torch.dtype = "float32") -> dict:
+    """The closed form's cost columns of a workload: parameters, GMACs per category and in every
+    convention, and activation MiB at `dtype`'s element size."""
+    dtype = dtype_name(dtype)
     every, trainable = parameters(work)
     act, scores = activation_elements(work)
+    mib = getattr(torch, dtype).itemsize / 2**20
     return {
-        **describe_workload(work),
-        "counter": "analytic",
+        "dtype": dtype,
         "params": every,
         "params_trainable": trainable,
         **cost_columns(macs(work)),
-        "activation_mib": act * dtype_bytes / 2**20,
-        "attn_scores_mib": scores * dtype_bytes / 2**20,
+        "activation_mib": act * mib,
+        "attn_scores_mib": scores * mib,
     }
+
+
+def costs(name: str, resolution: int, frames: int | None = None, batch: int = 1,
+          text_tokens: int = DEFAULT_TEXT_TOKENS, dtype: str | torch.dtype = "float32",
+          **overrides) -> dict:
+    """One row of closed-form costs: shape columns and `closed_form`'s columns (activation MiB
+    at `dtype`: float32, bfloat16, float16 or float64)."""
+    work = workload(name, resolution, frames, batch, text_tokens, **overrides)
+    return {**describe_workload(work), "counter": "analytic", **closed_form(work, dtype)}

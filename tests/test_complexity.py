@@ -4,6 +4,7 @@ import math
 import random
 
 import pytest
+import torch
 
 import ptdit
 from ptdit import complexity as cx
@@ -17,6 +18,50 @@ def test_parameters_equal_the_built_model(name):
     every, trainable = cx.parameters(cx.workload(name, 256))
     assert every == sum(p.numel() for p in model.parameters())
     assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("PixArt-XL/2", dict(micro_condition=True)),            # PixArtMS size/aspect embedders
+    ("PixArt-XL/2", dict(null_caption=False)),              # the null caption is a buffer
+    ("PixArt-XL/2", dict(micro_condition=True, null_caption=False, learn_sigma=False)),
+    ("DiT-S/2", dict(input_size=64, class_dropout_prob=0.0, mlp_ratio=2.7)),
+    ("PT-DiT/S-Class", dict(giim=False, shift_window=False, num_classes=10)),
+    ("PT-DiT/B", dict(condition="class", caption_channels=1024, learn_sigma=False)),
+])
+def test_parameters_equal_the_built_model_with_overrides(name, overrides):
+    model = ptdit.build(name, device="meta", **overrides)
+    every, trainable = cx.parameters(cx.workload(name, 256, **overrides))
+    assert every == sum(p.numel() for p in model.parameters())
+    assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_micro_condition_adds_the_size_embedders():
+    """PixArtMS: csize (height, width) and ar (aspect ratio) embedders, each the timestep MLP at
+    width D/3 (256 -> D/3 -> D/3), run on 2 and 1 scalars per sample."""
+    D, batch = 1152, 3
+    plain = cx.costs("PixArt-XL/2", 1024, batch=batch)
+    ms = cx.costs("PixArt-XL/2", 1024, batch=batch, micro_condition=True)
+    per_scalar_macs = 256 * D // 3 + (D // 3) ** 2
+    assert ms["params"] - plain["params"] == 2 * (per_scalar_macs + 2 * D // 3) == 493_056
+    assert ms["params"] == 611_349_152
+    assert round((ms["linear_cond_gmacs"] - plain["linear_cond_gmacs"]) * 1e9) == \
+        3 * batch * per_scalar_macs
+    assert ms["attention_gmacs"] == plain["attention_gmacs"]
+
+
+@pytest.mark.parametrize("dtype, size", [("float32", 4), ("bfloat16", 2), ("float16", 2),
+                                         ("float64", 8), (torch.bfloat16, 2)])
+def test_dtype_scales_activations_only(dtype, size):
+    base = cx.costs("PT-DiT/B", 512, frames=4)
+    row = cx.costs("PT-DiT/B", 512, frames=4, dtype=dtype)
+    assert row["dtype"] == str(dtype).removeprefix("torch.")
+    assert base["dtype"] == "float32"
+    assert row["activation_mib"] == base["activation_mib"] * size / 4
+    assert row["attn_scores_mib"] == base["attn_scores_mib"] * size / 4
+    assert {k: v for k, v in row.items() if k not in ("dtype", "activation_mib",
+                                                      "attn_scores_mib")} == \
+        {k: v for k, v in base.items() if k not in ("dtype", "activation_mib",
+                                                    "attn_scores_mib")}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -106,6 +151,9 @@ def test_window_override():
     (dict(name="DiT-XL/2", resolution=-256), "resolution must be a positive integer"),
     (dict(name="PixArt-XL/2", resolution=256, text_tokens=0), "text_tokens"),
     (dict(name="DiT-XL/2", resolution=256, window=(1, 2, 2)), "no option(s) window"),
+    (dict(name="DiT-XL/2", resolution=256, dtype="int8"), "allowed: float32, bfloat16"),
+    (dict(name="PixArt-XL/2", resolution=256, hidden_size=1024, num_heads=16,
+          micro_condition=True), "divisible by 3"),
 ])
 def test_bad_input_raises_with_what_is_allowed(kwargs, message):
     name, resolution = kwargs.pop("name"), kwargs.pop("resolution")

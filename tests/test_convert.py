@@ -5,31 +5,61 @@ import json
 
 import pytest
 import torch
+from conftest import condition
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ptdit.cli import main
 from ptdit.configs import DiTConfig, PixArtConfig
-from ptdit.interop import FORMATS, from_official_ptdit, load, save
-from ptdit.interop.official_ptdit import POS_BUFFER
-from ptdit.models import DiT, PixArt
+from ptdit.interop import FORMATS, load, save
+from ptdit.interop.official_ptdit import POS_BUFFER, ptdit_config
+from ptdit.interop.ptdit_format import architecture
+from ptdit.models import DiT, PixArt, PTDiT
 from test_interop_ptdit import SMALL, release_checkpoint
 from test_load import random_model, same_weights
 
 DIT = DiTConfig(depth=2, hidden_size=32, num_heads=4, patch_size=2, input_size=8, num_classes=10)
-PIXART = PixArtConfig(depth=2, hidden_size=32, num_heads=2, input_size=8, caption_channels=12,
-                      model_max_length=4)
+
+# Configs away from every default, including the fields each format cannot say (they travel in
+# a sidecar or under config.json's "ptdit_config"), and heads no registry size implies.
+# mlp_ratio 3.3 is not the MLP width over the model width (int(32·3.3) = 105, 105/32 ≠ 3.3).
+ODD_DIT = dict(depth=2, hidden_size=32, num_heads=2, patch_size=2, input_size=8, num_classes=10,
+               learn_sigma=False, norm_eps=1e-5)
+ODD = {
+    "DiT": DiTConfig(**ODD_DIT, class_dropout_prob=0.0, freq_shift=1, mlp_ratio=3.3),
+    # diffusers: mlp_ratio 4 and a null class only; freq_shift 0 is the one it cannot say
+    "DiT-diffusers": DiTConfig(**ODD_DIT, class_dropout_prob=0.25, freq_shift=0),
+    "PixArt": PixArtConfig(depth=2, hidden_size=48, num_heads=2, input_size=8,
+                           caption_channels=12, model_max_length=4, learn_sigma=False,
+                           micro_condition=True, pos_interp_scale=3.0, norm_eps=1e-5,
+                           class_dropout_prob=0.2, mlp_ratio=3.3),
+    # diffusers: mlp_ratio 4, no null caption (its length still rides along)
+    "PixArt-diffusers": PixArtConfig(depth=2, hidden_size=48, num_heads=2, input_size=8,
+                                     caption_channels=12, model_max_length=4, learn_sigma=False,
+                                     micro_condition=True, pos_interp_scale=3.0, norm_eps=1e-5,
+                                     class_dropout_prob=0.2, null_caption=False),
+    "PT-DiT": dataclasses.replace(ptdit_config(SMALL), learn_sigma=False, shift_window=False,
+                                  pos_interp_scale=2.0, class_dropout_prob=0.0, num_classes=7,
+                                  windows_per_side=2, temporal_window=2),
+}
 
 
 def model_of(family: str, fmt: str = "ptdit"):
-    if family == "DiT":
-        return random_model(DiT, DIT)
-    if family == "PixArt" and fmt == "diffusers-pixart":   # diffusers has no null caption
-        return random_model(PixArt, dataclasses.replace(PIXART, null_caption=False,
-                                                        model_max_length=120))
-    if family == "PixArt":
-        return random_model(PixArt, PIXART)
-    return from_official_ptdit(release_checkpoint(SMALL, dtype=torch.float32), SMALL)
+    key = f"{family}-diffusers" if fmt.startswith("diffusers") else family
+    return random_model({"DiT": DiT, "PixArt": PixArt, "PT-DiT": PTDiT}[family], ODD[key]).eval()
+
+
+def outputs(model) -> torch.Tensor:
+    """The model's output for fresh random inputs (drawn from one generator, so that calling
+    it twice draws the same)."""
+    x = torch.randn(2, 4, 16, 16)
+    t = torch.rand(2) * 1000
+    kwargs = {}
+    if getattr(model.config, "micro_condition", False):
+        resolution = torch.tensor([[128.0, 96.0]] * 2)
+        kwargs = dict(resolution=resolution, aspect_ratio=resolution[:, :1] / resolution[:, 1:])
+    with torch.no_grad():
+        return model(x, t, *condition(model, 2, dtype=torch.float32), **kwargs)
 
 
 def target(tmp_path, fmt: str):
@@ -42,15 +72,21 @@ WRITABLE = [(name, fam) for name, f in FORMATS.items() if f.from_ptdit is not No
 
 @pytest.mark.parametrize("fmt, family", WRITABLE)
 def test_ours_format_ours_is_exact(tmp_path, fmt, family):
+    """Through files, with nothing but what save wrote: the same config (architecture), the
+    same tensors bit for bit and the same outputs."""
     model = model_of(family, fmt)
     save(model, target(tmp_path, fmt), fmt)
-    heads = {"num_heads": model.config.num_heads}
-    config = heads if fmt in ("facebook-dit", "official-pixart") else None
-    loaded = load(target(tmp_path, fmt), format="auto", config=config)
-    assert type(loaded) is type(model) and loaded.config == model.config
+    loaded = load(target(tmp_path, fmt), format="auto")
+    assert type(loaded) is type(model)
+    assert architecture(loaded.config) == architecture(model.config)
     ours, theirs = model.state_dict(), loaded.state_dict()
     assert set(ours) == set(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    seed = int(torch.randint(2**62, ()))
+    torch.manual_seed(seed)
+    want = outputs(model)
+    torch.manual_seed(seed)
+    assert torch.equal(outputs(loaded), want)
 
 
 #################################################################################
@@ -111,3 +147,49 @@ def test_cli_refusals(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "missing.pt"), dst, "--to", "ptdit"]) == 2
     assert main(["convert", src, dst, "--to", "ptdit", "--force", "--name", "PT-DiT/B"]) == 2
     assert "is not PT-DiT/B" in capsys.readouterr().err
+
+
+def test_cli_damaged_sources_exit_2(tmp_path, capsys):
+    """Truncated files and broken JSON end in `ptdit convert: error:` naming the file, exit 2."""
+    model = random_model(DiT, DIT)
+    save(model, tmp_path / "ok.safetensors")
+    torch.save(model.state_dict(), tmp_path / "ok.pt")
+    dst = str(tmp_path / "out.safetensors")
+    cases = []
+    for suffix in ("safetensors", "pt"):
+        data = (tmp_path / f"ok.{suffix}").read_bytes()
+        header = 8 + int.from_bytes(data[:8], "little") if suffix == "safetensors" else 64
+        for cut in (0, header, len(data) // 2):
+            path = tmp_path / f"cut{cut}.{suffix}"
+            path.write_bytes(data[:cut])
+            cases.append((path, ["--config", str(tmp_path / "heads.json")], "truncated"))
+    (tmp_path / "heads.json").write_text('{"num_heads": 4}')
+    (tmp_path / "broken.json").write_text('{"num_heads": ')
+    cases.append((tmp_path / "ok.pt", ["--config", str(tmp_path / "broken.json")],
+                  "broken.json: the --config JSON is not valid JSON"))
+    (tmp_path / "side.pt").write_bytes((tmp_path / "ok.pt").read_bytes())
+    (tmp_path / "side.json").write_text("{")
+    cases.append((tmp_path / "side.pt", [], "side.json: the sidecar config is not valid JSON"))
+    for src, extra, message in cases:
+        assert main(["convert", str(src), dst, "--to", "ptdit", *extra]) == 2, src
+        err = capsys.readouterr().err
+        assert err.startswith("ptdit convert: error:") and message in err, err
+        assert str(src) in err or "json" in message
+
+
+def test_cli_refuses_a_file_for_a_folder_format_and_vice_versa(tmp_path, capsys):
+    model = random_model(DiT, DIT)
+    torch.save(model.state_dict(), tmp_path / "dit.pt")
+    (tmp_path / "dit.json").write_text(json.dumps({"num_heads": 4}))
+    src = str(tmp_path / "dit.pt")
+    for force in ([], ["--force"]):
+        assert main(["convert", src, str(tmp_path / "hf.safetensors"), "--to", "diffusers",
+                     *force]) == 2
+        assert "the diffusers-dit format is a folder (config.json + " in capsys.readouterr().err
+        assert not (tmp_path / "hf.safetensors").exists()
+    (tmp_path / "dir.safetensors").mkdir()
+    for to in ("ptdit", "official"):
+        assert main(["convert", src, str(tmp_path / "dir.safetensors"), "--to", to,
+                     "--force"]) == 2
+        assert "is a folder; the" in capsys.readouterr().err
+    assert main(["convert", src, str(tmp_path / "hf"), "--to", "diffusers"]) == 0

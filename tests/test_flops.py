@@ -5,9 +5,11 @@ counter once the documented traps are handled (SDPA on CPU for FlopCounterMode; 
 and the single-operand einsum for fvcore). The trap tests below show each trap is real.
 """
 
+import ast
 import json
 import random
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,6 +69,66 @@ def test_math_backend_counts_the_same(counter, name):
     assert count[counter](*meta_model(work, "math")) == analytic(work)
 
 
+def counted_rows(work, dtype="float32"):
+    """The three counters' rows for `work`, after checking each says ok."""
+    rows = {c: flops.count(work, c, dtype=dtype) for c in flops.COUNTERS}
+    for counter, row in rows.items():
+        assert row["status"] == "ok", (counter, row["status"])
+    return rows
+
+
+def cost_columns(row):
+    return {k: v for k, v in row.items() if k.endswith("_gmacs") or k.startswith("params")}
+
+
+# Every kind of config field a user can override: those that change costs and those that must
+# not (norm_eps, freq_shift, pos_interp_scale, null_caption, model_max_length).
+OVERRIDES = [
+    ("DiT-S/8", 256, None, dict(norm_eps=1e-5, freq_shift=1)),
+    ("DiT-S/8", 256, None, dict(learn_sigma=False, class_dropout_prob=0.0, num_classes=10)),
+    ("DiT-S/4", 256, None, dict(mlp_ratio=2.7)),
+    ("DiT-S/8", 512, 4, dict(input_size=64, in_channels=16)),
+    ("PixArt-XL/2", 1024, None, dict(micro_condition=True)),
+    ("PixArt-XL/2", 256, 4, dict(depth=2, micro_condition=True, null_caption=False)),
+    ("PixArt-XL/2", 256, None, dict(depth=2, null_caption=False, learn_sigma=False,
+                                    mlp_ratio=2.5, norm_eps=1e-5)),
+    ("PixArt-XL/2", 256, None, dict(depth=2, caption_channels=1024, model_max_length=77,
+                                    pos_interp_scale=2.0, class_dropout_prob=0.0)),
+    ("PT-DiT/S-Class", 256, None, dict(giim=False)),
+    ("PT-DiT/S-Class", 256, None, dict(shift_window=False, learn_sigma=False)),
+    ("PT-DiT/S-Class", 288, None, dict(window=(1, 3, 3))),                    # odd window
+    ("PT-DiT/S-Class", 256, 8, dict(windows_per_side=4, temporal_window=2)),
+    ("PT-DiT/S-Class", 256, None, dict(mlp_ratio=3.3, class_dropout_prob=0.0, num_classes=7)),
+    ("PT-DiT/B", 256, None, dict(caption_channels=1024, pos_interp_scale=0.5)),
+    ("PT-DiT/B", 256, None, dict(condition="class")),
+    ("PT-DiT/B", 256, 6, dict(window=(3, 4, 4), giim=False)),
+    ("PT-DiT/B", 256, None, dict(patch_size=4, in_channels=8, windows_per_side=4)),
+    ("Qihoo-T2I-1B", 256, None, dict(depth=2, window=(1, 2, 2))),
+]
+
+
+@pytest.mark.parametrize("name, resolution, frames, overrides", OVERRIDES,
+                         ids=[f"{n}-{r}-{f}-{','.join(o)}" for n, r, f, o in OVERRIDES])
+def test_counters_agree_under_config_overrides(name, resolution, frames, overrides):
+    work = cx.workload(name, resolution, frames, batch=2, text_tokens=13, **overrides)
+    rows = counted_rows(work)
+    for counter in ("torch", "fvcore"):
+        assert cost_columns(rows[counter]) == cost_columns(rows["analytic"]), counter
+    assert rows["torch"]["activation_mib"] == rows["analytic"]["activation_mib"]
+
+
+@pytest.mark.parametrize("dtype, size", [("bfloat16", 2), ("float16", 2), ("float64", 8)])
+def test_rows_report_the_requested_dtype(dtype, size):
+    work = cx.workload("PixArt-XL/2", 256, batch=2, depth=2, micro_condition=True)
+    base, rows = counted_rows(work), counted_rows(work, dtype)
+    for counter, row in rows.items():
+        assert row["dtype"] == dtype and base[counter]["dtype"] == "float32"
+        assert cost_columns(row) == cost_columns(base[counter])
+    for counter in ("analytic", "torch"):
+        assert rows[counter]["activation_mib"] == base[counter]["activation_mib"] * size / 4
+    assert rows["fvcore"]["activation_mib"] is None
+
+
 def test_rows_carry_conventions_and_provenance():
     work = cx.workload("PT-DiT/B", 512, 8, batch=2, text_tokens=77)
     rows = {c: flops.count(work, c) for c in flops.COUNTERS}
@@ -89,22 +151,36 @@ def test_rows_carry_conventions_and_provenance():
 #                    The traps are real (and handled)                           #
 #################################################################################
 
-@pytest.mark.parametrize("name, resolution", [("DiT-S/8", 128), ("PT-DiT/S-Class", 256)])
-def test_torch_counter_on_cpu_tensors(name, resolution):
-    """Plain FlopCounterMode counts CPU SDPA as 0; count_torch's custom_mapping restores it."""
-    work = cx.workload(name, resolution, batch=2)
-    model = ptdit.build(name, device="cpu").eval()
+@pytest.mark.parametrize("name, resolution, overrides, masked", [
+    ("DiT-S/8", 128, {}, False),
+    ("PT-DiT/S-Class", 256, {}, False),      # shifted windows: additive mask (B·nW, 1, N, N)
+    ("PT-DiT/B", 256, dict(depth=1), True),  # and a caption mask (B, 1, 1, L)
+    ("PixArt-XL/2", 128, dict(depth=1, micro_condition=True), True),
+])
+def test_torch_counter_on_cpu_tensors(name, resolution, overrides, masked):
+    """Plain FlopCounterMode counts CPU SDPA as 0; count_torch's custom_mapping restores it.
+
+    On CPU (torch 2.14) every SDPA call of the three models takes the fused kernel
+    `_scaled_dot_product_flash_attention_for_cpu`, masked ones included: global, proxy and
+    proxy-cross, window and shifted-window attention as 4-D (B·nW, H, N, d) problems with the
+    (B·nW, 1, N, N) shift mask, and text cross-attention with a caption mask. So plain
+    FlopCounterMode sees the linear layers only, and no call falls back to the math path."""
+    work = cx.workload(name, resolution, batch=2, text_tokens=7, **overrides)
+    model = ptdit.build(name, device="cpu", **overrides)
     inputs = flops.example_inputs(model, work.shape, work.text_tokens, device="cpu")
+    if masked:
+        inputs = (*inputs[:3], torch.tensor([[1] * 5 + [0] * 2] * 2), *inputs[4:])
+    fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     plain = torch.utils.flop_counter.FlopCounterMode(display=False)
-    with torch.no_grad(), plain:
+    seen = torch.utils.flop_counter.FlopCounterMode(
+        display=False, custom_mapping={fused: flops._sdpa_cpu_flops})
+    with torch.no_grad(), plain, seen:
         model(*inputs)
     expected = analytic(work)
     linear = sum(v for k, v in expected.items() if k.startswith("linear_"))
-    # Fused CPU SDPA counts 0; only calls that fall back to the math path (PT-DiT's masked
-    # shifted windows) are seen.
-    assert 2 * linear <= plain.get_total_flops() < 2 * sum(expected.values())
-    if name.startswith("DiT"):
-        assert plain.get_total_flops() == 2 * linear
+    assert plain.get_total_flops() == 2 * linear
+    ops = seen.get_flop_counts()["Global"]
+    assert fused in ops and torch.ops.aten.bmm not in ops and torch.ops.aten.baddbmm not in ops
     assert flops.count_torch(model, inputs)[0] == expected
 
 
@@ -127,6 +203,47 @@ def test_fvcore_without_handles_misses_sdpa_and_counts_norms():
     assert flops.count_fvcore(*meta_model(work)) == expected
 
 
+def _dotted(node) -> str:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else ""
+
+
+def test_private_imports_stay_in_one_place():
+    """STYLE.md: private torch modules only in bench/flops.py, imported by name with a comment
+    saying why (not reached by attribute), and nothing private from ptdit anywhere in bench/.
+    Private aten operators (torch.ops.aten._…) are op names, allowed in bench/flops.py only."""
+    def private(dotted):
+        return any(part.startswith("_") and not part.endswith("__") for part in dotted.split("."))
+
+    bench = Path(flops.__file__).parent
+    for path in sorted(bench.glob("*.py")):
+        source = path.read_text()
+        where = f"bench/{path.name}"
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Attribute) and not isinstance(node.ctx, ast.Store):
+                name = _dotted(node)
+                if name.startswith("torch.") and private(name):
+                    assert name.startswith("torch.ops.") and path.name == "flops.py", \
+                        f"{where}:{node.lineno} reaches private {name} by attribute"
+                continue
+            if isinstance(node, ast.Import):
+                names = [(a.name, a.name) for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [(node.module, f"{node.module}.{a.name}") for a in node.names]
+            else:
+                continue
+            for module, full in names:
+                if module.split(".")[0] == "ptdit":
+                    assert not private(full), f"{where}:{node.lineno} imports {full}"
+                if module.split(".")[0] == "torch" and private(full):
+                    assert path.name == "flops.py", f"{where}:{node.lineno} imports {full}"
+                    above = source.splitlines()[node.lineno - 2]
+                    assert above.lstrip().startswith("#"), f"{where}: no comment on {full}"
+
+
 def test_conv_as_linear_is_the_same_function():
     conv = torch.nn.Conv2d(4, 32, 2, stride=2)
     x = torch.randn(3, 4, 8, 12)
@@ -145,6 +262,20 @@ def test_sweep_validates_everything_before_counting(monkeypatch):
     with pytest.raises(ValueError, match="unknown counter"):
         list(flops.sweep(["DiT-XL/2"], [256], counters=["thop"]))
     assert calls == []
+
+
+def test_cli_flops_dtype(capsys):
+    argv = ["flops", "--model", "PT-DiT/S-Class", "--resolution", "256", "--counter", "all",
+            "--format", "json"]
+    assert main(argv) == 0
+    base = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--dtype", "bfloat16"]) == 0
+    half = json.loads(capsys.readouterr().out)
+    for b, h in zip(base, half):
+        assert (b["dtype"], h["dtype"]) == ("float32", "bfloat16")
+        assert h["total_gmacs"] == b["total_gmacs"] and h["params"] == b["params"]
+        if b["activation_mib"] is not None:
+            assert h["activation_mib"] == pytest.approx(b["activation_mib"] / 2, rel=1e-9)
 
 
 def test_cli_flops_json(capsys):

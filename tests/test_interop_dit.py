@@ -8,7 +8,9 @@ to float64 with diffusers' own formulas, so what remains is the architecture and
 compared at 1e-10.
 """
 
+import argparse
 import dataclasses
+import json
 import math
 import os
 import types
@@ -17,7 +19,9 @@ import pytest
 import torch
 
 from ptdit.configs import DiTConfig, get_config
+from ptdit.interop import load, save
 from ptdit.interop.dit import DIFFUSERS_DIT, FACEBOOK_DIT, unwrap
+from ptdit.interop.ptdit_format import architecture
 from ptdit.models import DiT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -132,15 +136,17 @@ SIZES = [(8, 8), (16, 16), (8, 16)]
 
 
 @pytest.mark.parametrize("height,width", SIZES)
-def test_diffusers_to_ours_matches_diffusers(float64_diffusers, height, width):
+def test_diffusers_to_ours_matches_diffusers(tmp_path, float64_diffusers, height, width):
+    """Through the public API: the diffusers folder as saved, loaded by ptdit.load."""
     theirs = diffusers_dit()
     redraw(theirs, keep=("pos_embed.pos_embed",))
     share_block_embedders(theirs)
     theirs = float64_diffusers(theirs)
-    config, state_dict = DIFFUSERS_DIT.to_ptdit(theirs.state_dict(), dict(theirs.config))
-    assert config.norm_eps == 1e-5 and config.freq_shift == 0
-    ours = DiT(dataclasses.replace(config, freq_shift=1)).double().eval()
-    ours.load_state_dict(state_dict)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = load(tmp_path / "hf")
+    config = ours.config
+    assert (config.norm_eps, config.freq_shift) == (1e-5, 1)   # what diffusers computes
+    assert {p.dtype for p in ours.parameters()} == {torch.float64}
 
     x, t, y = inputs(2, height, width, config.num_classes)
     with torch.no_grad():
@@ -154,12 +160,12 @@ def test_diffusers_to_ours_matches_diffusers(float64_diffusers, height, width):
 
 
 @pytest.mark.parametrize("height,width", SIZES)
-def test_ours_to_diffusers_matches_ours(float64_diffusers, height, width):
-    ours = float64_dit(dataclasses.replace(SMALL, norm_eps=1e-5, freq_shift=1))
-    state_dict, config_json = DIFFUSERS_DIT.from_ptdit(ours.config, ours.state_dict())
-    theirs = float64_diffusers(diffusers.DiTTransformer2DModel.from_config(config_json))
-    theirs.load_state_dict(state_dict)
-    ours.eval()
+def test_ours_to_diffusers_matches_ours(tmp_path, float64_diffusers, height, width):
+    """Through the public API: ptdit.interop.save, then diffusers' from_pretrained."""
+    ours = float64_dit(dataclasses.replace(SMALL, norm_eps=1e-5, freq_shift=1)).eval()
+    save(ours, tmp_path / "hf", "diffusers-dit")
+    theirs = float64_diffusers(diffusers.DiTTransformer2DModel.from_pretrained(
+        tmp_path / "hf", torch_dtype=torch.float64))
 
     x, t, y = inputs(3, height, width, SMALL.num_classes)
     with torch.no_grad():
@@ -179,16 +185,54 @@ def test_diffusers_config_round_trip():
         SMALL, DiT(SMALL).state_dict())[0])
 
 
+def test_diffusers_keeps_what_config_json_cannot_say(tmp_path):
+    """freq_shift 0 (the official DiT's) and another class dropout ride in config.json under
+    "ptdit_config": diffusers builds the model and ignores the key, and keeps it through its
+    own save_pretrained; ptdit reloads the same config."""
+    config = dataclasses.replace(SMALL, freq_shift=0, class_dropout_prob=0.25)
+    _, config_json = DIFFUSERS_DIT.from_ptdit(config, DiT(config).state_dict())
+    assert config_json["ptdit_config"] == {"freq_shift": 0, "class_dropout_prob": 0.25}
+    assert "ptdit_config" not in DIFFUSERS_DIT.from_ptdit(
+        dataclasses.replace(SMALL, freq_shift=1), DiT(SMALL).state_dict())[1]
+    model = float64_dit(config)
+    save(model, tmp_path / "ours", "diffusers-dit")
+    theirs = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert json.loads((tmp_path / "theirs" / "config.json").read_text())["ptdit_config"] == (
+        config_json["ptdit_config"])
+    back = load(tmp_path / "theirs", dtype=torch.float64)
+    assert architecture(back.config) == architecture(config)
+
+
 @pytest.mark.parametrize("fmt", [FACEBOOK_DIT, DIFFUSERS_DIT], ids=lambda f: f.name)
 def test_round_trip_is_exact(fmt):
-    config = dataclasses.replace(SMALL, norm_eps=1e-5) if fmt is DIFFUSERS_DIT else SMALL
+    """Configs at non-default values, including the fields the format cannot say."""
+    if fmt is DIFFUSERS_DIT:
+        config = dataclasses.replace(SMALL, norm_eps=1e-5, freq_shift=0, class_dropout_prob=0.3)
+    else:   # no null class, and an MLP ratio the MLP width does not give (int(32·3.3) = 105)
+        config = dataclasses.replace(SMALL, norm_eps=1e-5, freq_shift=1, class_dropout_prob=0.0,
+                                     mlp_ratio=3.3, learn_sigma=False)
     model = float64_dit(config)
     state_dict, config_json = fmt.from_ptdit(config, model.state_dict())
     assert fmt.detect(state_dict, config_json)
-    back_config, back = fmt.to_ptdit(state_dict, config_json or {"num_heads": 4})
+    back_config, back = fmt.to_ptdit(state_dict, json.loads(json.dumps(config_json)))
     assert back_config == config
     assert back.keys() == model.state_dict().keys()
     assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+
+
+def test_facebook_sidecar_is_checked_against_the_shapes():
+    config = dataclasses.replace(SMALL, class_dropout_prob=0.0)
+    sd, sidecar = FACEBOOK_DIT.from_ptdit(config, DiT(config).state_dict())
+    assert FACEBOOK_DIT.to_ptdit(sd, sidecar)[0].num_classes == 10
+    # without the sidecar the table's last row would be read as the null class
+    assert FACEBOOK_DIT.to_ptdit(sd, {"num_heads": 4})[0].num_classes == 9
+    for bad, word in (({"mlp_ratio": 3.0}, "mlp_ratio"), ({"num_heads": 5}, "heads"),
+                      ({"num_classes": 11}, "num_classes"), ({"norm_eps": "1e-5"}, "norm_eps"),
+                      ({"class_dropout_prob": "0"}, "class_dropout_prob"),
+                      ({"bogus_field": 1}, "bogus_field")):
+        with pytest.raises(ValueError, match=word):
+            FACEBOOK_DIT.to_ptdit(sd, {**sidecar, **bad})
 
 
 @pytest.mark.parametrize("wrap", ["raw", "ema", "training"])
@@ -196,11 +240,15 @@ def test_facebook_file_loads(tmp_path, wrap):
     model = DiT(SMALL)
     redraw(model, keep=("pos_embed",))
     sd = model.state_dict()
-    obj = {"raw": sd, "ema": {"ema": sd},
+    args = argparse.Namespace(model="DiT-S/2", image_size=64, num_classes=10, epochs=1400,
+                              global_batch_size=256, results_dir="results", vae="ema")
+    obj = {"raw": sd, "ema": {"ema": sd},   # train.py's checkpoint: args is a Namespace
            "training": {"model": {k: torch.zeros_like(v) for k, v in sd.items()}, "ema": sd,
-                        "opt": {}, "args": None}}[wrap]
+                        "opt": {}, "args": args}}[wrap]
     torch.save(obj, tmp_path / "DiT-tiny.pt")
-    loaded = torch.load(tmp_path / "DiT-tiny.pt", weights_only=True)
+    assert same_state(load(tmp_path / "DiT-tiny.pt", config={"num_heads": 4}), model)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        loaded = torch.load(tmp_path / "DiT-tiny.pt", weights_only=True)
 
     assert FACEBOOK_DIT.detect(loaded, None)
     assert not DIFFUSERS_DIT.detect(unwrap(loaded), None)
@@ -211,6 +259,11 @@ def test_facebook_file_loads(tmp_path, wrap):
     x, t, y = inputs(2, 8, 8, SMALL.num_classes)
     x, t = x.float(), t.float()
     assert torch.equal(again(x, t, y), model.eval()(x, t, y))
+
+
+def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_facebook_infers_registry_heads_and_sizes():

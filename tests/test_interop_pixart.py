@@ -5,6 +5,7 @@ cross-attention outputs and final layer included), diffusers' float32 islands li
 """
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ def test_diffusers_to_ours_matches_diffusers(float64_diffusers, micro, scale, ep
 def test_ours_to_diffusers_matches_ours(float64_diffusers, micro, scale, eps, height, width,
                                         masked):
     config = dataclasses.replace(SMALL, micro_condition=micro, pos_interp_scale=scale,
-                                 norm_eps=eps)
+                                 norm_eps=eps, null_caption=False)
     ours = PixArt(config).double()
     redraw(ours)
     state_dict, config_json = DIFFUSERS_PIXART.from_ptdit(config, ours.state_dict())
@@ -86,27 +87,33 @@ def test_ours_to_diffusers_matches_ours(float64_diffusers, micro, scale, eps, he
     assert diff <= TOL
 
 
-@pytest.mark.parametrize("micro,scale", [(False, 1.0), (True, 2.0)])
+@pytest.mark.parametrize("micro,scale", [(False, 1.0), (True, 2.0), (True, 3.0)])
 @pytest.mark.parametrize("fmt", [OFFICIAL_PIXART, DIFFUSERS_PIXART], ids=lambda f: f.name)
 def test_round_trip_is_exact(fmt, micro, scale):
-    config = dataclasses.replace(SMALL, micro_condition=micro, pos_interp_scale=scale)
-    if fmt is DIFFUSERS_PIXART:   # no null caption there, nor its length
-        config = dataclasses.replace(config, null_caption=False, model_max_length=120)
+    """Configs at non-default values, including those the format cannot say (official: the
+    sidecar; diffusers: config.json's "ptdit_config"); 3.0 is no release's scale."""
+    config = dataclasses.replace(SMALL, micro_condition=micro, pos_interp_scale=scale,
+                                 norm_eps=1e-5, class_dropout_prob=0.2)
+    if fmt is DIFFUSERS_PIXART:   # no null caption there; its length rides along
+        config = dataclasses.replace(config, null_caption=False)
+    else:                         # an MLP ratio the MLP width does not give: int(48·3.3) = 158
+        config = dataclasses.replace(config, mlp_ratio=3.3)
     model = PixArt(config).double()
     redraw(model)
     state_dict, config_json = fmt.from_ptdit(config, model.state_dict())
     assert fmt.detect(state_dict, config_json)
-    back_config, back = fmt.to_ptdit(state_dict, config_json or {"num_heads": 4})
+    back_config, back = fmt.to_ptdit(state_dict, json.loads(json.dumps(config_json)))
     assert back_config == config
     assert back.keys() == model.state_dict().keys()
     assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
 
 
-def test_diffusers_drops_the_null_caption():
+def test_diffusers_drops_the_null_caption_with_a_warning():
     model = PixArt(SMALL)
-    state_dict, config_json = DIFFUSERS_PIXART.from_ptdit(SMALL, model.state_dict())
+    with pytest.warns(UserWarning, match=r"y_embedder.y_embedding \(6×20\) is dropped"):
+        state_dict, config_json = DIFFUSERS_PIXART.from_ptdit(SMALL, model.state_dict())
     config, back = DIFFUSERS_PIXART.to_ptdit(state_dict, config_json)
-    assert config == dataclasses.replace(SMALL, null_caption=False, model_max_length=120)
+    assert config == dataclasses.replace(SMALL, null_caption=False)
     assert back.keys() == model.state_dict().keys() - {"y_embedder.y_embedding"}
 
 
@@ -122,6 +129,8 @@ def test_official_file_loads(tmp_path):
     assert not DIFFUSERS_PIXART.detect(unwrap(loaded), None)
     back_config, back = OFFICIAL_PIXART.to_ptdit(loaded, {"num_heads": 4})
     assert back_config == config   # micro_condition, input_size and lewei scale read off the file
+    with pytest.raises(ValueError, match="pos_interp_scale 1.0 does not match the stored"):
+        OFFICIAL_PIXART.to_ptdit(loaded, {"num_heads": 4, "pos_interp_scale": 1.0})
     again = PixArt(back_config)
     again.load_state_dict(back)
     x, t, text, mask, res, ar = pixart_inputs(2, 8, 16, 20, True)
@@ -155,7 +164,8 @@ def test_rejects_foreign_truncated_and_missing_conditions():
     truncated = {k: v for k, v in sd.items() if not k.startswith("blocks.1.cross_attn")}
     with pytest.raises(ValueError, match="missing .*blocks.1.cross_attn.kv_linear.bias"):
         OFFICIAL_PIXART.to_ptdit(truncated, {"num_heads": 4, "input_size": 8})
-    theirs, config_json = DIFFUSERS_PIXART.from_ptdit(SMALL, sd)
+    no_null = dataclasses.replace(SMALL, null_caption=False)
+    theirs, config_json = DIFFUSERS_PIXART.from_ptdit(no_null, PixArt(no_null).state_dict())
     assert not OFFICIAL_PIXART.detect(theirs, None)
     assert not DIFFUSERS_PIXART.detect(sd, None)
     del theirs["transformer_blocks.1.attn2.to_v.weight"]
@@ -170,3 +180,13 @@ def test_rejects_foreign_truncated_and_missing_conditions():
         PixArt(SMALL)(x.float(), t, text.float(), resolution=res, aspect_ratio=ar)
     with pytest.raises(ValueError, match="divisible by 3"):
         dataclasses.replace(SMALL, hidden_size=64, micro_condition=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scale_is_read_off_a_half_precision_table(dtype):
+    """The stored pos_embed is rounded to the checkpoint's dtype; the scale is still found."""
+    config = dataclasses.replace(SMALL, pos_interp_scale=2.0)
+    model = PixArt(config).to(dtype)
+    state_dict, _ = OFFICIAL_PIXART.from_ptdit(config, model.state_dict())
+    assert state_dict["pos_embed"].dtype == dtype
+    assert OFFICIAL_PIXART.to_ptdit(state_dict, {"num_heads": 4})[0] == config

@@ -8,6 +8,7 @@ batch-mixing quirk (§9.1, `quirk=True`), and its transposed non-square position
 (identical to the release whenever a batch shares one timestep and the grid is square).
 """
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -218,14 +219,14 @@ def release_forward(sd, pred, x, t, text, keep=None, quirk=True, transposed=True
 #                   A scaled-down checkpoint in the release's layout            #
 #################################################################################
 
-def release_checkpoint(pred, seed=0, std=0.2, dtype=torch.float64) -> dict:
-    """Every key of official_ptdit_1b_keys.json with the 1B sizes scaled to `pred`."""
+def release_checkpoint(pred, std=0.2, dtype=torch.float64) -> dict:
+    """Every key of official_ptdit_1b_keys.json with the 1B sizes scaled to `pred`, drawn
+    afresh."""
     D = pred["num_heads"] * pred["head_dim"]
     size = {1152: D, 4608: 4 * D, 6912: 6 * D, 4096: pred["caption_channels"]}
     entries = RELEASE_KEYS["state_dict"]
     block = [e for e in entries if e["key"].startswith("transformer_blocks.0.")]
     top = [e for e in entries if not e["key"].startswith("transformer_blocks.")]
-    g = torch.Generator().manual_seed(seed)
     sd = {}
     for e in top + [{**e, "key": e["key"].replace(".0.", f".{i}.", 1)}
                     for i in range(pred["num_layers"]) for e in block]:
@@ -236,17 +237,16 @@ def release_checkpoint(pred, seed=0, std=0.2, dtype=torch.float64) -> dict:
             sd[e["key"]] = table[None].to(dtype)
         else:
             shape = [size.get(n, n) for n in e["shape"]]
-            sd[e["key"]] = (torch.randn(shape, generator=g, dtype=torch.float64) * std).to(dtype)
+            sd[e["key"]] = (torch.randn(shape, dtype=torch.float64) * std).to(dtype)
     return sd
 
 
-def inputs(pred, B=2, frames=None, hw=(16, 16), L=5, seed=1, equal_t=True, keep=False):
-    g = torch.Generator().manual_seed(seed)
+def inputs(pred, B=2, frames=None, hw=(16, 16), L=5, equal_t=True, keep=False):
     Fr = frames or 1
-    x = torch.randn(B, pred["in_channels"], Fr, *hw, generator=g, dtype=torch.float64)
+    x = torch.randn(B, pred["in_channels"], Fr, *hw, dtype=torch.float64)
     t = torch.full((B,), 637.0, dtype=torch.float64) if equal_t else (
         torch.tensor([37.0, 912.5, 400.0, 5.0][:B], dtype=torch.float64))
-    text = torch.randn(B, L, pred["caption_channels"], generator=g, dtype=torch.float64)
+    text = torch.randn(B, L, pred["caption_channels"], dtype=torch.float64)
     mask = None
     if keep:
         mask = torch.ones(B, L, dtype=torch.float64)
@@ -303,14 +303,17 @@ def test_detects_release_checkpoints_only():
     assert not OFFICIAL_PTDIT.detect(ours, None)
 
 
-def test_round_trip_ours_official_ours_is_exact():
-    config = ptdit_config(SMALL)
-    torch.manual_seed(0)
+@pytest.mark.parametrize("extra", [{}, {"class_dropout_prob": 0.0, "num_classes": 7,
+                                      "windows_per_side": 2, "temporal_window": 2}],
+                         ids=["release-fields", "fields-the-release-cannot-say"])
+def test_round_trip_ours_official_ours_is_exact(extra):
+    config = dataclasses.replace(ptdit_config(SMALL), **extra)
     model = ptdit.configs.model_class(config)(config).double()
     with torch.no_grad():
         for p in model.parameters():
             p.normal_()                          # zero-init linears too
     sd, predictor = to_official_ptdit(model)
+    assert (predictor == SMALL) == (not extra)   # else {"predictor": SMALL, "ptdit_config": …}
     back = from_official_ptdit(sd, predictor)
     assert back.config == config
     theirs, ours = back.state_dict(), model.state_dict()
@@ -370,6 +373,19 @@ def test_config_mapping():
 def test_refuses_unsupported_config(field, value):
     with pytest.raises(ValueError, match=field):
         ptdit_config({**SMALL, field: value})
+
+
+def test_fields_the_release_cannot_say_ride_beside_it():
+    extra = {"num_classes": 7, "windows_per_side": 2}
+    config = ptdit_config({"predictor": SMALL, "ptdit_config": extra})
+    assert (config.num_classes, config.windows_per_side) == (7, 2)
+    assert ptdit_config({**SMALL, "ptdit_config": extra}) == config
+    with pytest.raises(ValueError, match="ptdit_config field.* depth cannot be set there"):
+        ptdit_config({"predictor": SMALL, "ptdit_config": {"depth": 3}})
+    with pytest.raises(ValueError, match="windows_per_side must be positive"):
+        ptdit_config({"predictor": SMALL, "ptdit_config": {"windows_per_side": 0}})
+    with pytest.raises(ValueError, match="class_dropout_prob must be float, got '0.1'"):
+        ptdit_config({"predictor": SMALL, "ptdit_config": {"class_dropout_prob": "0.1"}})
 
 
 def test_refuses_missing_field():

@@ -6,11 +6,13 @@ import socket
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import ptdit
 from ptdit.configs import DiTConfig, PixArtConfig
 from ptdit.interop import FORMATS, from_official_ptdit, load, save
+from ptdit.interop.ptdit_format import metadata
 from ptdit.models import DiT, PixArt, PTDiT
 from test_interop_ptdit import SMALL, inputs, release_checkpoint
 
@@ -26,7 +28,6 @@ def no_network(monkeypatch):
 
 
 def random_model(cls, config, dtype=torch.float32):
-    torch.manual_seed(0)
     model = cls(config).to(dtype)
     with torch.no_grad():
         for p in model.parameters():
@@ -57,7 +58,6 @@ def test_facebook_dit_file(tmp_path):
 
 def test_diffusers_folder(tmp_path):
     diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
     theirs = diffusers.DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
         num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
@@ -74,6 +74,17 @@ def test_diffusers_folder(tmp_path):
     sd = theirs.state_dict()
     assert torch.equal(one.state_dict()["blocks.1.mlp.fc2.weight"],
                        sd["transformer_blocks.1.ff.net.2.weight"])
+    # config= sets config.json keys; ptdit fields go under "ptdit_config"; nothing is ignored
+    assert load(tmp_path / "single", config={"norm_eps": 1e-6}).config.norm_eps == 1e-6
+    official = load(tmp_path / "single", config={"ptdit_config": {"freq_shift": 0}})
+    assert (one.config.freq_shift, official.config.freq_shift) == (1, 0)
+    for bad in ({"freq_shift": 0}, {"bogus_field": 1}):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))} are not diffusers-dit "
+                           "config.json keys; allowed: .*num_layers.*ptdit_config"):
+            load(tmp_path / "single", config=bad)
+    with pytest.raises(ValueError, match="ptdit_config field.* depth cannot be set there; "
+                       "allowed: freq_shift, class_dropout_prob"):
+        load(tmp_path / "single", config={"ptdit_config": {"depth": 3}})
 
 
 def test_official_ptdit_file_with_sidecar_predictor(tmp_path):
@@ -86,6 +97,25 @@ def test_official_ptdit_file_with_sidecar_predictor(tmp_path):
     x, t, text, _ = inputs(SMALL)
     with torch.no_grad():
         assert model(x.float(), t.float(), text.float()).shape == (2, 8, 1, 16, 16)
+
+
+def test_config_argument_updates_the_sidecar(tmp_path):
+    """A sidecar beside the file, and config= on top: the given fields win, the rest stay."""
+    model = random_model(DiT, DiTConfig(**{**DIT.__dict__, "num_heads": 2,
+                                           "class_dropout_prob": 0.0, "norm_eps": 1e-5}))
+    save(model, tmp_path / "fb.safetensors", "facebook-dit")
+    assert load(tmp_path / "fb.safetensors").config == model.config
+    loaded = load(tmp_path / "fb.safetensors", config={"freq_shift": 1})
+    assert loaded.config == DiTConfig(**{**model.config.__dict__, "freq_shift": 1})
+    # the release's whole inference JSON as the sidecar; a flat predictor field updates it
+    save_file(release_checkpoint(SMALL, dtype=torch.float32), tmp_path / "q.safetensors")
+    (tmp_path / "q.json").write_text(json.dumps({"predictor": SMALL, "ae": {"from": "x"},
+                                                 "ptdit_config": {"num_classes": 5}}))
+    assert load(tmp_path / "q.safetensors").config.num_classes == 5
+    again = load(tmp_path / "q.safetensors", config={"ptdit_config": {"windows_per_side": 2}})
+    assert (again.config.num_classes, again.config.windows_per_side) == (1000, 2)
+    with pytest.raises(ValueError, match="num_heads × head_dim = 16"):
+        load(tmp_path / "q.safetensors", config={"cross_attention_dim": 8})
 
 
 def test_official_ptdit_torch_file_with_config_argument(tmp_path):
@@ -112,11 +142,44 @@ def test_ptdit_format_reloads_alone(tmp_path, family):
                  depth=1, hidden_size=32, num_heads=2, input_size=8, caption_channels=12,
                  model_max_length=4)),
              "PT-DiT": lambda: from_official_ptdit(release_checkpoint(SMALL), SMALL)}[family]()
-    model.name = "my-run"
     save(model, tmp_path / "m.safetensors")
     loaded = load(tmp_path / "m.safetensors")
     assert type(loaded) is type(model) and loaded.config == model.config
-    assert same_weights(loaded, model) and loaded.name == "my-run"
+    assert same_weights(loaded, model) and loaded.name is None
+    with pytest.raises(ValueError, match="metadata holds its config; config= does not apply"):
+        load(tmp_path / "m.safetensors", config={"num_heads": 4})
+
+
+def test_a_name_is_the_registry_name_of_the_architecture(tmp_path):
+    """build() names an overridden model after its registry entry; save and load name it by
+    its architecture instead, so a 2-block DiT-S/8 does not come back as DiT-S/8."""
+    small = ptdit.build("DiT-S/8", depth=2, input_size=16)
+    assert small.name == "DiT-S/8"
+    save(small, tmp_path / "small.safetensors")
+    assert load(tmp_path / "small.safetensors").name is None
+    with safe_open(str(tmp_path / "small.safetensors"), "pt") as f:
+        assert f.metadata()["name"] == ""
+    # a stored name is not trusted either
+    save_file(small.state_dict(), tmp_path / "liar.safetensors",
+              metadata=metadata(FORMATS["ptdit"].from_ptdit(small.config, {})[1], "DiT-S/8"))
+    assert load(tmp_path / "liar.safetensors").name is None
+    with pytest.raises(ValueError, match="is not DiT-S/8: depth: checkpoint 2, DiT-S/8 12"):
+        load(tmp_path / "small.safetensors", name="DiT-S/8")
+
+
+def test_a_name_allows_another_resolution(tmp_path):
+    """DiT-XL-2-512x512.pt is DiT-XL/2 at input_size 64: the name check leaves the configured
+    resolution out (here DiT-S/8, the same situation at a smaller size)."""
+    model = ptdit.build("DiT-S/8", input_size=64, dtype=torch.bfloat16)
+    torch.save(model.state_dict(), tmp_path / "DiT-S-8-512x512.pt")
+    for name in ("DiT-S/8", None):
+        loaded = load(tmp_path / "DiT-S-8-512x512.pt", name=name)
+        assert loaded.name == "DiT-S/8" and loaded.config.input_size == 64
+        assert same_weights(loaded, model)
+    assert load(tmp_path / "DiT-S-8-512x512.pt", name="DiT-S/8").config == model.config
+    with pytest.raises(ValueError, match="is not DiT-B/8: hidden_size: checkpoint 384, "
+                       "DiT-B/8 768"):
+        load(tmp_path / "DiT-S-8-512x512.pt", name="DiT-B/8")
 
 
 #################################################################################
@@ -194,6 +257,73 @@ def test_name_is_checked(tmp_path):
         load(tmp_path / "q.safetensors", name="DiT-S/2", config=SMALL)
 
 
+def test_damaged_files_name_the_file(tmp_path):
+    """Truncated safetensors and torch files at several lengths, broken JSON: ValueError naming
+    the file and what is wrong, never a raw library error."""
+    model = random_model(DiT, DIT)
+    save(model, tmp_path / "ok.safetensors")
+    torch.save(model.state_dict(), tmp_path / "ok.pt")
+    blob = (tmp_path / "ok.safetensors").read_bytes()
+    header_only = 8 + int.from_bytes(blob[:8], "little")
+    pt = (tmp_path / "ok.pt").read_bytes()
+    for name, data, cut in [("st", blob, 0), ("st", blob, 5), ("st", blob, header_only),
+                            ("st", blob, len(blob) // 2), ("st", blob, len(blob) - 1),
+                            ("pt", pt, 0), ("pt", pt, 100), ("pt", pt, len(pt) // 2),
+                            ("pt", pt, len(pt) - 1)]:
+        path = tmp_path / f"cut{cut}.{'safetensors' if name == 'st' else 'pt'}"
+        path.write_bytes(data[:cut])
+        kind = "safetensors file" if name == "st" else "torch checkpoint"
+        with pytest.raises(ValueError, match=f"{path}: not a readable {kind} \\({cut} bytes: "
+                           "truncated"):
+            load(path, config={"num_heads": 4})
+
+    (tmp_path / "ok.json").write_text('{"num_heads": 4,')           # a sidecar, cut short
+    with pytest.raises(ValueError, match=f"{tmp_path / 'ok.json'}: the sidecar config is not "
+                       "valid JSON"):
+        load(tmp_path / "ok.pt")
+    (tmp_path / "ok.json").write_text('[4]')
+    with pytest.raises(ValueError, match="the sidecar config must be a JSON object, got list"):
+        load(tmp_path / "ok.pt")
+
+    save(model, tmp_path / "hf", "diffusers-dit")
+    (tmp_path / "hf" / "config.json").write_text('{"_class_name": "DiTTransformer2DModel"')
+    with pytest.raises(ValueError, match="config.json: the diffusers config is not valid JSON"):
+        load(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("config", "{not json", "the ptdit metadata field 'config' is not valid JSON"),
+    ("config", "[1, 2]", "a DiT config must be a JSON object of its fields, got list"),
+    ("config", "4", "a DiT config must be a JSON object of its fields, got int"),
+    ("config", {"depth": "2"}, "DiT config: depth must be int, got '2'"),
+    ("config", {"norm_eps": "x"}, "DiT config: norm_eps must be float, got 'x'"),
+    ("config", {"bogus_field": 1}, "DiT config has no option.* bogus_field"),
+    ("family", "Unet", "unknown model family 'Unet'"),
+])
+def test_bad_ptdit_metadata(tmp_path, field, value, message):
+    model = random_model(DiT, DIT)
+    meta = metadata(FORMATS["ptdit"].from_ptdit(model.config, {})[1], None)
+    if isinstance(value, dict):
+        value = json.dumps({**json.loads(meta["config"]), **value})
+    save_file(model.state_dict(), tmp_path / "m.safetensors", metadata={**meta, field: value})
+    with pytest.raises(ValueError, match=f"m.safetensors.*{message}"):
+        load(tmp_path / "m.safetensors")
+
+
+def test_bad_config_field_types(tmp_path):
+    sd = release_checkpoint(SMALL, dtype=torch.float32)
+    model = from_official_ptdit(sd, SMALL)
+    config = dict(json.loads(metadata(FORMATS["ptdit"].from_ptdit(model.config, {})[1],
+                                      None)["config"]))
+    for bad, word in (({"window": 5}, "window"), ({"norm_eps": 1e-5}, "norm_eps"),
+                      ({"shift_window": "yes"}, "shift_window must be bool"),
+                      ({"depth": 2.0}, "depth must be int")):
+        meta = {"format": "ptdit", "family": "PT-DiT", "config": json.dumps({**config, **bad})}
+        save_file(model.state_dict(), tmp_path / "m.safetensors", metadata=meta)
+        with pytest.raises(ValueError, match=word):
+            load(tmp_path / "m.safetensors")
+
+
 #################################################################################
 #                                    Dtypes                                     #
 #################################################################################
@@ -212,6 +342,12 @@ def test_dtype_asked_for(tmp_path):
     save_file(release_checkpoint(SMALL, dtype=torch.bfloat16), tmp_path / "q.safetensors")
     model = load(tmp_path / "q.safetensors", config=SMALL, dtype=torch.float32)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+    model = load(tmp_path / "q.safetensors", config=SMALL, dtype="float16")
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    for bad in (torch.int64, "half", "cuda", torch.complex64, 16):
+        with pytest.raises(ValueError, match="is not a model dtype; allowed: float32, bfloat16, "
+                           "float16, float64"):
+            load(tmp_path / "q.safetensors", config=SMALL, dtype=bad)
 
 
 def test_every_format_is_registered():

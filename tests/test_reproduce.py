@@ -53,11 +53,36 @@ def test_ptdit_figures_imply_fewer_linear_macs_than_the_block():
     assert coef.paper_coef_d2.between(16.3, 16.6).all()
 
 
+@pytest.mark.parametrize("name, per_token", [("PT-DiT/XL", 22), ("PixArt-XL/2", 14),
+                                              ("DiT-XL/2", 12)])
+@pytest.mark.parametrize("overrides", [{}, dict(learn_sigma=False), dict(in_channels=16)])
+def test_block_coefficient_subtracts_the_closed_form_io(name, per_token, overrides):
+    """The patch embed and final layer come from the closed form, so the block coefficient is
+    exact whatever learn_sigma and in_channels are (the final layer's width follows both)."""
+    points = [(r, 1, reproduce.cost(name, r, **overrides)["linear_gmacs"])
+              for r in (256, 512, 1024)]
+    coef = reproduce.per_token_coefficient(name, points, **overrides)
+    assert coef == pytest.approx(per_token, abs=1e-6)
+
+
 def test_eq4_ratios():
     rows = {int(row["resolution"]): row for row in reproduce.eq4_rows(PUBLISHED)}
     ours = {r: round(row["ours"], 1) for r, row in rows.items()}
     assert ours == {256: 34.4, 512: 9.8, 1024: 4.7, 2048: 3.5}
     assert rows[2048]["paper_value"] == 2.3      # the paper's value, not its Eq. 4's
+    assert all(row["note"].startswith("our counts equal Eq. 4") for row in rows.values())
+
+
+def test_matched_width_says_what_its_sign_means():
+    rows = pd.DataFrame(reproduce.matched_width_rows())
+    assert (rows.unit == "%").all() and rows.paper_value.isna().all()
+    assert (rows.ours - 100 * (1 - rows.ptdit_gmacs / rows.base_gmacs)).abs().max() < 1e-9
+    low = rows[(rows.resolution == 256) & (rows.convention == "linear-macs")]
+    assert (low.ours < 0).all() and low.note.str.contains("(costlier)", regex=False).all()
+    text = reproduce.markdown(reproduce.compare(PUBLISHED), PUBLISHED)
+    table = text[text.index("## Matched width"):]
+    assert "reduction_pct" in table and "negative = it costs more" in table
+    assert "| ours " not in table
 
 
 def test_headline_claim_as_published_and_like_for_like():
@@ -86,6 +111,10 @@ def test_run_writes_everything(tmp_path):
     assert compared.note.notna().all()
     video = df[(df.latent_frames == 48) & (df.convention == "linear-macs")]
     assert set(video.ptdit_model) == {"PT-DiT/XL", "PT-DiT/H"}
+    figures = compared[compared.convention.isin(["macs", "linear-macs"])]
+    assert (figures.unit == "GMACs").all()
+    assert figures.printed_unit.isin(["Gflops", "GFLOPs"]).all()
+    assert set(df.unit) == {"GMACs", "%"}
     assert (tmp_path / "complexity.md").read_text().strip() == text.strip()
     for png in ("gflops_vs_resolution.png", "attention_share.png", "video_vs_frames.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"

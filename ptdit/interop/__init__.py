@@ -6,7 +6,9 @@
 
 One converter per source format (a `Format`: pure state-dict and config mappings); `load`
 reads files and diffusers folders, recognises the format and builds the model; `save` writes any
-format whose target is public.
+format whose target is public, with the config fields the format cannot say beside it (the
+sidecar `<file>.json`, or "ptdit_config" in a diffusers config.json), so that ours -> format ->
+ours is exact.
 """
 
 from .base import Format

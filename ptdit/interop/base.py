@@ -2,6 +2,12 @@
 
 A converter is a pure state-dict mapping plus a config mapping. It never builds a model or
 touches files; `ptdit.interop.load` does that for all formats.
+
+Config fields a format cannot say (DiT's timestep `freq_shift` in a diffusers config.json, the
+head count of a facebook DiT file, ...) travel beside it, so that ours -> format -> ours gives
+the same config: in a config of the format's own (diffusers config.json, the PT-DiT predictor
+JSON) under the key EXTRA_KEY, and for formats with no config as the sidecar `<file>.json` of
+ptdit config fields. The converters read them back and check them against the shapes.
 """
 
 from collections.abc import Callable, Mapping
@@ -10,6 +16,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 StateDict = dict[str, Tensor]
+
+EXTRA_KEY = "ptdit_config"  # {ptdit config field: value} a format's own config cannot say
 
 
 @dataclass(frozen=True)
@@ -24,7 +32,10 @@ class Format:
                 (and config.json / predictor JSON where the format has one).
     to_ptdit:   (state_dict, config_or_None) -> (ptdit config dataclass, ptdit state dict).
     from_ptdit: (ptdit config dataclass, ptdit state dict) -> (state dict, config dict or None);
-                None where the format is read-only.
+                None where the format is read-only. The config dict is the format's own
+                (config.json, predictor JSON) or, for formats without one, the sidecar.
+    config_keys: the config.json keys a diffusers format reads (and so the only keys
+                `load(folder, config=...)` may set); None where the converter checks its config.
     """
 
     name: str
@@ -32,3 +43,22 @@ class Format:
     detect: Callable[[Mapping[str, Tensor], dict | None], bool]
     to_ptdit: Callable[[StateDict, dict | None], tuple[object, StateDict]]
     from_ptdit: Callable[[object, StateDict], tuple[StateDict, dict | None]] | None = None
+    config_keys: frozenset[str] | None = None
+
+
+def extra_fields(config: Mapping | None, allowed: tuple[str, ...], what: str) -> dict:
+    """The ptdit fields under EXTRA_KEY of a format's config; ValueError on any other field."""
+    extra = (config or {}).get(EXTRA_KEY) or {}
+    if not isinstance(extra, Mapping):
+        raise ValueError(f"{what}: {EXTRA_KEY} must be a JSON object of ptdit config fields, "
+                         f"got {extra!r}")
+    unknown = sorted(set(extra) - set(allowed))
+    if unknown:
+        raise ValueError(f"{what}: {EXTRA_KEY} field(s) {', '.join(unknown)} cannot be set "
+                         f"there; allowed: {', '.join(allowed)}")
+    return dict(extra)
+
+
+def changed_fields(config, defaults: Mapping, fields: tuple[str, ...]) -> dict:
+    """{field: value} of the `fields` of a config dataclass that differ from `defaults`."""
+    return {f: getattr(config, f) for f in fields if getattr(config, f) != defaults[f]}

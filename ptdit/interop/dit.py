@@ -5,14 +5,21 @@ files hold no config, which is read off the shapes (heads excepted). diffusers r
 module, splits the fused qkv projection and stores the timestep and class embedders once per
 block (`transformer_blocks.i.norm1.emb`); its config.json carries the sizes and `norm_eps`.
 
+The facebook files say nothing of num_heads, norm_eps, freq_shift, class_dropout_prob (which
+decides whether the label table's last row is the null class) or an mlp_ratio that the MLP width
+does not give exactly; export writes them to the sidecar `<file>.json`, import takes them from
+there (or from `config=`) and checks them against the shapes.
+
 Numerical differences of diffusers' DiTTransformer2DModel from the official DiT, both
 reproducible here through DiTConfig:
 - `norm_eps` (1e-5 by default there) sets the eps of each block's MLP-branch LayerNorm only;
   the attention-branch and final norms are 1e-6, as in the official code. It maps both ways.
 - Timestep frequencies are max_period^(-i/127) there (downscale_freq_shift=1, hard-coded),
-  max_period^(-i/128) in the official code (`freq_shift` 1 vs 0). config.json cannot say which,
-  and the public diffusers weights are the official ones, so conversion keeps `freq_shift`
-  as it is (0 on import); set freq_shift=1 to reproduce diffusers' outputs.
+  max_period^(-i/128) in the official code (`freq_shift` 1 vs 0). Import gives freq_shift=1, so
+  the model computes what the checkpoint computes in diffusers. Export of another freq_shift
+  (an official DiT's 0) records it in config.json under EXTRA_KEY ("ptdit_config", which
+  diffusers ignores and keeps), so ptdit reloads the same model; diffusers itself computes
+  with its own frequencies, as for the public diffusers DiT, which holds the official weights.
 
 Sources: facebookresearch/DiT models.py, train.py, sample.py (`find_model`: the "ema" entry
 of training checkpoints); diffusers `dit_transformer_2d.py`, `attention.py`
@@ -28,7 +35,8 @@ from torch import Tensor
 
 from ..configs import MODELS, DiTConfig
 from ..layers import position_table
-from .base import Format, StateDict
+from .base import EXTRA_KEY, Format, StateDict, changed_fields, extra_fields
+from .ptdit_format import typed_config
 
 DIT_HEADS = {(c.depth, c.hidden_size): c.num_heads for c in MODELS.values()
              if isinstance(c, DiTConfig)}   # (depth, width) -> heads of the named DiTs
@@ -64,10 +72,21 @@ def checked_config(cls, inferred: dict, overrides: dict | None, what: str):
         raise ValueError(f"{what}: the given config disagrees with the checkpoint's shapes: "
                          + "; ".join(f"{k}: checkpoint {a}, given {b}"
                                      for k, (a, b) in clash.items()))
-    try:
-        return cls(**{**inferred, **overrides})
-    except TypeError as e:
-        raise ValueError(f"{what}: bad config field ({e})") from None
+    return typed_config(cls, {**inferred, **overrides}, what)
+
+
+def mlp_ratio_for(hidden: int, width: int, overrides: dict, what: str) -> float:
+    """The MLP ratio of `hidden` MLP units at `width`: the given one (popped from `overrides`)
+    when int(width·ratio) is `hidden` (a ratio such as 1/3 is not hidden / width), else
+    hidden / width."""
+    ratio = overrides.pop("mlp_ratio", None)
+    if ratio is None:
+        return hidden / width
+    if (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+            or int(width * ratio) != hidden):
+        raise ValueError(f"{what}: the given mlp_ratio {ratio!r} does not give the checkpoint's "
+                         f"{hidden} MLP units at width {width} (int(width·mlp_ratio) must)")
+    return ratio
 
 
 def heads_for(depth: int, width: int, registry: dict, overrides: dict | None, what: str) -> int:
@@ -115,13 +134,22 @@ def _detect_facebook(state_dict: Mapping[str, Tensor], config: dict | None) -> b
             "blocks.0.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.weight"} <= keys
 
 
+# DiTConfig fields a facebook file cannot say; its sidecar holds them.
+FACEBOOK_SIDECAR = ("num_heads", "mlp_ratio", "class_dropout_prob", "norm_eps", "freq_shift")
+
+
 def _facebook_to_ptdit(state_dict: Mapping[str, Tensor], config: dict | None
                        ) -> tuple[DiTConfig, StateDict]:
-    """`config`: None, or DiTConfig fields the shapes cannot give (num_heads, ...)."""
+    """`config`: None, or DiTConfig fields the shapes cannot give (FACEBOOK_SIDECAR: the sidecar
+    that export writes); the fields the shapes do give must agree with them."""
     what = "facebook DiT"
     sd = unwrap(state_dict)
     depth = block_count(sd, "blocks")
     require(sd, dit_keys(max(depth, 1)), what)
+    overrides = dict(config or {})
+    dropout = overrides.get("class_dropout_prob", 0.1)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise ValueError(f"{what}: class_dropout_prob must be a number, got {dropout!r}")
     D, C, p = sd["x_embedder.proj.weight"].shape[:3]
     tokens = sd["pos_embed"].shape[1]
     grid = math.isqrt(tokens)
@@ -131,17 +159,18 @@ def _facebook_to_ptdit(state_dict: Mapping[str, Tensor], config: dict | None
     if out_channels not in (C, 2 * C):
         raise ValueError(f"{what}: final layer predicts {out_channels} channels for {C} input "
                          f"channels; allowed: {C} or {2 * C} (learned sigma)")
-    dropout = (config or {}).get("class_dropout_prob", 0.1)
+    # the label table holds num_classes rows, and the null class's when class_dropout_prob > 0
     inferred = dict(depth=depth, hidden_size=D, patch_size=p, input_size=grid * p,
                     in_channels=C, learn_sigma=out_channels == 2 * C,
-                    mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
+                    mlp_ratio=mlp_ratio_for(sd["blocks.0.mlp.fc1.weight"].shape[0], D, overrides,
+                                            what),
                     num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - (dropout > 0))
-    inferred["num_heads"] = heads_for(depth, D, DIT_HEADS, config, what)
-    return checked_config(DiTConfig, inferred, config, what), sd
+    inferred["num_heads"] = heads_for(depth, D, DIT_HEADS, overrides, what)
+    return checked_config(DiTConfig, inferred, overrides, what), sd
 
 
-def _facebook_from_ptdit(config: DiTConfig, state_dict: StateDict) -> tuple[StateDict, None]:
-    return dict(state_dict), None
+def _facebook_from_ptdit(config: DiTConfig, state_dict: StateDict) -> tuple[StateDict, dict]:
+    return dict(state_dict), {f: getattr(config, f) for f in FACEBOOK_SIDECAR}
 
 
 FACEBOOK_DIT = Format(name="facebook-dit", family="DiT", detect=_detect_facebook,
@@ -159,6 +188,9 @@ DIFFUSERS_DIT_DEFAULTS = {  # DiTTransformer2DModel.__init__ defaults (diffusers
     "norm_type": "ada_norm_zero", "norm_elementwise_affine": False, "norm_eps": 1e-5,
 }
 _DIFFUSERS_DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+# DiTConfig fields config.json cannot say: the values diffusers' DiT computes with. A model with
+# other values records them under EXTRA_KEY.
+DIFFUSERS_DIT_IMPLIED = {"freq_shift": 1, "class_dropout_prob": 0.1}
 _EMB = "norm1.emb"  # per-block copy of the timestep and class embedders
 _SHARED = {  # ours -> diffusers' name under transformer_blocks.i.norm1.emb
     **{f"t_embedder.mlp.{i}.{p}": f"timestep_embedder.linear_{j}.{p}"
@@ -220,6 +252,11 @@ def _diffusers_dit_to_ptdit(state_dict: Mapping[str, Tensor], config: dict | Non
     what = "diffusers DiTTransformer2DModel"
     cfg = diffusers_config(config, DIFFUSERS_DIT_DEFAULTS, _DIFFUSERS_DIT_CLASSES,
                            "ada_norm_zero", what)
+    extra = extra_fields(config, tuple(DIFFUSERS_DIT_IMPLIED), what)
+    dropout = extra.get("class_dropout_prob", 0.1)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or dropout <= 0:
+        raise ValueError(f"{what}: {EXTRA_KEY} class_dropout_prob must be a positive number "
+                         f"(the label table there always holds the null class), got {dropout!r}")
     depth, C = cfg["num_layers"], cfg["in_channels"]
     D = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     out_channels = cfg["out_channels"] or C
@@ -254,11 +291,12 @@ def _diffusers_dit_to_ptdit(state_dict: Mapping[str, Tensor], config: dict | Non
     pop_linear(sd, "proj_out_2", out, "final_layer.linear")
 
     p = cfg["patch_size"]
-    config_out = DiTConfig(
+    inferred = dict(
         depth=depth, hidden_size=D, num_heads=cfg["num_attention_heads"], patch_size=p,
         input_size=cfg["sample_size"], in_channels=C, learn_sigma=out_channels == 2 * C,
         mlp_ratio=out["blocks.0.mlp.fc1.weight"].shape[0] / D,
         num_classes=cfg["num_embeds_ada_norm"], norm_eps=cfg["norm_eps"])
+    config_out = checked_config(DiTConfig, inferred, {**DIFFUSERS_DIT_IMPLIED, **extra}, what)
     grid = config_out.input_size // p
     weight = out["x_embedder.proj.weight"]
     out["pos_embed"] = position_table(D, None, grid, grid)[None].to(weight.dtype)
@@ -301,8 +339,12 @@ def _diffusers_dit_from_ptdit(config: DiTConfig, state_dict: StateDict
         "norm_type": "ada_norm_zero", "norm_elementwise_affine": False,
         "norm_eps": config.norm_eps,
     }
+    extra = changed_fields(config, DIFFUSERS_DIT_IMPLIED, tuple(DIFFUSERS_DIT_IMPLIED))
+    if extra:
+        config_json[EXTRA_KEY] = extra
     return out, config_json
 
 
 DIFFUSERS_DIT = Format(name="diffusers-dit", family="DiT", detect=_detect_diffusers_dit,
-                       to_ptdit=_diffusers_dit_to_ptdit, from_ptdit=_diffusers_dit_from_ptdit)
+                       to_ptdit=_diffusers_dit_to_ptdit, from_ptdit=_diffusers_dit_from_ptdit,
+                       config_keys=frozenset({*DIFFUSERS_DIT_DEFAULTS, EXTRA_KEY}))

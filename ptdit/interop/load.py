@@ -3,6 +3,8 @@
 Reads locally only; nothing is ever downloaded.
 """
 
+import argparse
+import dataclasses
 import json
 import pickle
 import zipfile
@@ -10,16 +12,17 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..configs import get_config
-from .base import Format, StateDict
+from .base import EXTRA_KEY, Format, StateDict
 from .dit import DIFFUSERS_DIT, FACEBOOK_DIT
 from .official_ptdit import OFFICIAL_PTDIT
 from .pixart import DIFFUSERS_PIXART, OFFICIAL_PIXART
-from .ptdit_format import PTDIT, architecture, instantiate, metadata, read_metadata
+from .ptdit_format import (PTDIT, RESOLUTION_FIELDS, instantiate, layers, metadata,
+                           read_metadata, registry_name)
 
 FORMATS: dict[str, Format] = {f.name: f for f in (FACEBOOK_DIT, DIFFUSERS_DIT, OFFICIAL_PIXART,
                                                   DIFFUSERS_PIXART, OFFICIAL_PTDIT, PTDIT)}
@@ -40,12 +43,35 @@ TARGETS = {
 #                                  Reading                                      #
 #################################################################################
 
+def _damaged(path: Path, kind: str, err: Exception) -> ValueError:
+    return ValueError(f"{path}: not a readable {kind} ({path.stat().st_size} bytes: truncated, "
+                      f"partly downloaded or not {kind} at all): {type(err).__name__}: {err}")
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`; ValueError naming the file when it is not one."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: {what} is not valid JSON ({err})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: {what} must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def _read_torch(path: Path) -> StateDict:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True,
-                         mmap=zipfile.is_zipfile(path))
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as err:
-        raise ValueError(f"{path}: not a readable weights-only torch checkpoint ({err})") from err
+        # facebookresearch/DiT training checkpoints keep their argparse arguments under "args"
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True,
+                             mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):
+            raise ValueError(f"{path}: holds objects other than tensors, which a weights-only "
+                             f"load refuses ({err})") from None
+        raise _damaged(path, "torch checkpoint", err) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise _damaged(path, "torch checkpoint", err) from None
     for key in WRAPPERS:
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
@@ -59,9 +85,16 @@ def _read_torch(path: Path) -> StateDict:
 
 
 def _read_safetensors(path: Path) -> tuple[StateDict, dict | None]:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    return load_file(str(path)), read_metadata(meta)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        state_dict = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise _damaged(path, "safetensors file", err) from None
+    try:
+        return state_dict, read_metadata(meta)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 def _read_weights(path: Path) -> tuple[StateDict, dict | None]:
@@ -81,14 +114,17 @@ def _read_diffusers(folder: Path) -> tuple[StateDict, dict]:
     if not config_path.is_file():
         raise ValueError(f"{folder}: a diffusers folder needs config.json beside "
                          f"{DIFFUSERS_WEIGHTS}.safetensors (or .bin)")
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path, "the diffusers config")
     for suffix in (".safetensors", ".bin"):
         single = folder / f"{DIFFUSERS_WEIGHTS}{suffix}"
         index = folder / f"{DIFFUSERS_WEIGHTS}{suffix}.index.json"
         if single.is_file():
             return _read_weights(single)[0], config
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = read_json(index, "the shard index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: the shard index has no weight_map object")
+            shards = sorted(set(weight_map.values()))
             state_dict = {}
             for shard in shards:
                 state_dict |= _read_weights(folder / shard)[0]
@@ -103,22 +139,36 @@ def sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
+def _flat(config: dict) -> dict:
+    """A release inference JSON ({"predictor": ..., EXTRA_KEY: ...}) as one flat predictor."""
+    if not isinstance(config.get("predictor"), dict):
+        return config
+    return {**config["predictor"], **{k: v for k, v in config.items() if k == EXTRA_KEY}}
+
+
 def read_checkpoint(path: str | Path, config: dict | None = None) -> tuple[StateDict, dict | None]:
     """(state dict, config) of a file or diffusers folder. For a folder the config is its
-    config.json, updated with `config`; for a file, its ptdit metadata (which says all), else
-    `config`, else the sidecar JSON beside it, else None."""
+    config.json, updated with `config`; for a ptdit-format file, its metadata (which says all;
+    `config` is refused); for another file, the sidecar JSON beside it updated with `config`,
+    else `config`, else None."""
     path = Path(path)
+    if config is not None and not isinstance(config, Mapping):
+        raise ValueError(f"config must be a dict, got {type(config).__name__}")
     if not path.exists():
         raise ValueError(f"checkpoint {path} does not exist")
     if path.is_dir():
         state_dict, found = _read_diffusers(path)
-        return state_dict, found | (config or {})
+        return state_dict, found | dict(config or {})
     state_dict, found = _read_weights(path)
     if found is not None:
+        if config:
+            raise ValueError(f"{path} is a ptdit-format file, whose metadata holds its config; "
+                             f"config= does not apply (given: {', '.join(config)})")
         return state_dict, found
-    if config is None and sidecar(path).is_file():
-        config = json.loads(sidecar(path).read_text())
-    return state_dict, config
+    if not sidecar(path).is_file():
+        return state_dict, None if config is None else dict(config)
+    own = read_json(sidecar(path), "the sidecar config")
+    return state_dict, own if config is None else {**_flat(own), **_flat(dict(config))}
 
 
 #################################################################################
@@ -152,18 +202,33 @@ def detect_format(state_dict: Mapping[str, Tensor], config: dict | None,
 
 
 def _check_name(config, name: str | None, source: str):
-    """The registry config when `name` is given and builds the same network."""
+    """With `name`: the registry config at the checkpoint's resolution (RESOLUTION_FIELDS), when
+    the checkpoint has that model's layers."""
     if name is None:
         return config
     named = get_config(name)
     if type(named) is not type(config):
         raise ValueError(f"{source} holds a {config.family} model; {name} is {named.family}")
-    ours, theirs = architecture(config), architecture(named)
+    ours, theirs = layers(config), layers(named)
     diff = [f"{k}: checkpoint {ours[k]!r}, {name} {theirs[k]!r}" for k in ours
             if ours[k] != theirs[k]]
     if diff:
         raise ValueError(f"{source} is not {name}: " + "; ".join(diff))
-    return named
+    return dataclasses.replace(named, **{k: getattr(config, k) for k in RESOLUTION_FIELDS
+                                         if hasattr(config, k)})
+
+
+def _check_folder_config(config: Mapping | None, fmt: Format, source: str) -> None:
+    """config= for a diffusers folder may set only the config.json keys the format reads."""
+    if fmt.config_keys is None:
+        return
+    unknown = sorted(set(config or {}) - fmt.config_keys)
+    if unknown:
+        raise ValueError(
+            f"{source}: config= key(s) {', '.join(unknown)} are not {fmt.name} config.json keys; "
+            f"allowed: {', '.join(sorted(fmt.config_keys))}. ptdit config fields that "
+            f"config.json cannot say go under {EXTRA_KEY!r}, e.g. "
+            f'{{"{EXTRA_KEY}": {{"freq_shift": 0}}}} for a DiT')
 
 
 def load(path_or_dir: str | Path, name: str | None = None, format: str = "auto",
@@ -173,17 +238,22 @@ def load(path_or_dir: str | Path, name: str | None = None, format: str = "auto",
     Args:
         path_or_dir: a .safetensors / .pt / .pth / .bin / .ckpt file, or a diffusers folder
             (config.json + diffusion_pytorch_model[.safetensors|.bin|*.index.json]).
-        name: a registry name the checkpoint must match (its model gets that name); by default
-            the matching registry name, if any.
+        name: a registry name whose layers the checkpoint must have (its configured resolution,
+            `input_size` / `pos_interp_scale`, may differ: DiT-XL-2-512x512.pt is DiT-XL/2);
+            the model gets that name. By default the matching registry name, if any.
         format: "auto" (recognise from keys and config) or one of FORMATS.
-        dtype: the model dtype; default the checkpoint's (no silent down-cast).
+        dtype: the model dtype, a floating torch dtype or its name ("float32", "bfloat16",
+            "float16", "float64"); default the checkpoint's (no silent down-cast).
         config: the checkpoint's own config, for files that do not carry one. Official PT-DiT:
             the release's predictor JSON (the dict, or the whole inference JSON). facebook DiT
             and official PixArt: the config fields the shapes cannot give ({"num_heads": 16}).
-            By default read from the sidecar `<file>.json` beside the file (`ptdit convert
-            --to official` writes the PT-DiT predictor there); else the converter infers it
-            from the shapes (official PT-DiT: official_ptdit.infer_predictor states the rule).
-            For a diffusers folder it updates config.json.
+            It updates the sidecar `<file>.json` beside the file, if any (`save` and `ptdit
+            convert --to official` write the fields the format cannot say there); what
+            neither gives the converter infers from the shapes (official PT-DiT:
+            official_ptdit.infer_predictor states the rule). For a diffusers folder it updates
+            config.json and may set only the config.json keys the format reads, ptdit fields
+            config.json cannot say under "ptdit_config" ({"ptdit_config": {"freq_shift": 0}}).
+            A ptdit-format file carries its config, and refuses this.
     """
     path = Path(path_or_dir)
     state_dict, found = read_checkpoint(path, config)
@@ -193,10 +263,14 @@ def load(path_or_dir: str | Path, name: str | None = None, format: str = "auto",
         fmt = FORMATS[format]
     else:
         raise ValueError(f"unknown format {format!r}; allowed: auto, {', '.join(FORMATS)}")
-    family_config, ptdit_state_dict = fmt.to_ptdit(state_dict, found)
+    if path.is_dir():
+        _check_folder_config(config, fmt, str(path))
+    try:
+        family_config, ptdit_state_dict = fmt.to_ptdit(state_dict, found)
+    except ValueError as err:
+        raise ValueError(f"{path} ({fmt.name}): {err}") from None
     family_config = _check_name(family_config, name, str(path))
-    stored_name = found.get("name") if fmt is PTDIT and found else None
-    return instantiate(family_config, ptdit_state_dict, dtype=dtype, name=name or stored_name,
+    return instantiate(family_config, ptdit_state_dict, dtype=dtype, name=name,
                        source=f"{path} ({fmt.name})")
 
 
@@ -226,11 +300,14 @@ def save(model: nn.Module, path: str | Path, format: str = "ptdit",
          force: bool = False) -> list[Path]:
     """Writes `model` in `format` as safetensors; returns the paths written.
 
-    "ptdit": one .safetensors file whose metadata holds family and config (reloads alone).
+    "ptdit": one .safetensors file whose metadata holds family and config (reloads alone); its
+    name is the model's registry name (registry_name), if any.
     "diffusers-*": a folder with config.json and diffusion_pytorch_model.safetensors.
-    Any other format: one .safetensors file, plus its config as the sidecar `<file>.json` when
-    the format has one (the official PT-DiT predictor JSON).
-    An existing destination is refused unless `force`.
+    Any other format: one .safetensors file, plus the sidecar `<file>.json`: the official PT-DiT
+    predictor JSON, or for facebook DiT and official PixArt the config fields their files
+    cannot say (`load` reads it back).
+    An existing destination is refused unless `force`; so is a file path for a folder format
+    and a folder for a file format.
     """
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; allowed: {', '.join(FORMATS)}")
@@ -240,14 +317,20 @@ def save(model: nn.Module, path: str | Path, format: str = "ptdit",
     if fmt.family not in ("any", model.config.family):
         raise ValueError(f"the {fmt.name} format holds {fmt.family} models, not "
                          f"{model.config.family}")
-    state_dict, config = fmt.from_ptdit(model.config, model.state_dict())
     path = Path(path)
     folder = fmt.name.startswith("diffusers")
+    if folder and (path.suffix in (".safetensors", ".json", *TORCH_SUFFIXES) or path.is_file()):
+        raise ValueError(f"{path}: the {fmt.name} format is a folder (config.json + "
+                         f"{DIFFUSERS_WEIGHTS}.safetensors); give a folder path, not a file")
+    if not folder and path.is_dir():
+        raise ValueError(f"{path} is a folder; the {fmt.name} format is one .safetensors file: "
+                         "give a file path")
+    if not folder and path.suffix != ".safetensors":
+        raise ValueError(f"{path}: the file must end in .safetensors")
+    state_dict, config = fmt.from_ptdit(model.config, model.state_dict())
     if folder:
         paths = [path / "config.json", path / f"{DIFFUSERS_WEIGHTS}.safetensors"]
     else:
-        if path.suffix != ".safetensors":
-            raise ValueError(f"{path}: the file must end in .safetensors")
         paths = [path] + ([sidecar(path)] if config is not None and fmt is not PTDIT else [])
     existing = [p for p in (path, *paths) if p.exists()]
     if existing and not force:
@@ -259,7 +342,7 @@ def save(model: nn.Module, path: str | Path, format: str = "ptdit",
         save_file(_tensors(state_dict), str(paths[1]))
     elif fmt is PTDIT:
         save_file(_tensors(state_dict), str(path),
-                  metadata=metadata(config, getattr(model, "name", None)))
+                  metadata=metadata(config, registry_name(model.config)))
     else:
         save_file(_tensors(state_dict), str(path))
         if config is not None:

@@ -18,8 +18,14 @@ equal) under DiT/PixArt names. Which release attention is which (spec §6):
 The release's q, k, v projections are fused here: qkv = [q; k; v] (self), kv = [k; v] (cross).
 Its `pos_embed.pos_embed` buffer (the sin-cos table for sample_size/frame) is dropped on the way
 in, since ptdit computes positions per input, and recomputed by the same formula on the way out.
+
+Our config fields the predictor cannot say (class_dropout_prob, num_classes, windows_per_side,
+temporal_window) travel, when they differ from our defaults, beside the predictor in the form of
+the release's whole inference JSON: {"predictor": {...}, "ptdit_config": {...}} (EXTRA_KEY);
+the release reads only "predictor".
 """
 
+import dataclasses
 import math
 from collections.abc import Mapping
 
@@ -29,8 +35,8 @@ from torch import Tensor, nn
 from ..configs import PTDiTConfig
 from ..layers import position_table
 from ..models import PTDiT
-from .base import Format, StateDict
-from .ptdit_format import instantiate
+from .base import EXTRA_KEY, Format, StateDict, changed_fields, extra_fields
+from .ptdit_format import instantiate, typed_config
 
 POS_BUFFER = "pos_embed.pos_embed"
 
@@ -72,6 +78,10 @@ IGNORED = {
     "from_pretrained": "pipeline bookkeeping",
 }
 
+# PTDiTConfig fields the predictor cannot say, with the values it implies (our defaults).
+EXTRA_FIELDS = {f.name: f.default for f in dataclasses.fields(PTDiTConfig) if f.name in (
+    "class_dropout_prob", "num_classes", "windows_per_side", "temporal_window")}
+
 HEAD_DIM_WHEN_INFERRED = 72  # the release's head_dim; head count is not visible in the shapes
 
 
@@ -85,9 +95,12 @@ def _refuse(field: str, value, supported: str) -> ValueError:
 
 
 def ptdit_config(predictor: Mapping) -> PTDiTConfig:
-    """Our PTDiTConfig for a release "predictor" JSON (dict); ValueError names any field we do
-    not support, its value and what is supported. Fields in IGNORED are accepted and unused."""
+    """Our PTDiTConfig for a release "predictor" JSON (dict, or the whole inference JSON that
+    holds it under "predictor"); ValueError names any field we do not support, its value and
+    what is supported. Fields in IGNORED are accepted and unused; EXTRA_KEY's are applied."""
+    extra = extra_fields(predictor, tuple(EXTRA_FIELDS), "official PT-DiT config")
     predictor = dict(predictor.get("predictor", predictor))
+    predictor.pop(EXTRA_KEY, None)
     unknown = sorted(set(predictor) - set(REQUIRED) - set(FIXED) - set(IGNORED))
     if unknown:
         raise ValueError(f"official PT-DiT config: unknown field(s) {', '.join(unknown)}; "
@@ -123,13 +136,15 @@ def ptdit_config(predictor: Mapping) -> PTDiTConfig:
     if not isinstance(sample_size, int) or sample_size < 1 or sample_size == 128:
         raise _refuse("sample_size", sample_size, "a positive int other than 128 (128 switches "
                       "on PixArt's resolution/aspect-ratio micro-conditions)")
-    return PTDiTConfig(
+    config = PTDiTConfig(
         depth=int(predictor["num_layers"]), hidden_size=D, num_heads=heads,
         patch_size=int(predictor["patch_size"]), in_channels=C, learn_sigma=out == 2 * C,
         condition="text", caption_channels=int(predictor["caption_channels"]), window=window,
         shift_window=bool(predictor["shift_window"]),
         pos_interp_scale=float(max(sample_size // 64, 1)),
         source="official PT-DiT release (MindSpeed-MM PTDiTDiffuser)")
+    return typed_config(PTDiTConfig, {**dataclasses.asdict(config), **extra},
+                        f"official PT-DiT config ({EXTRA_KEY})")
 
 
 def release_sample_size(config: PTDiTConfig) -> int:
@@ -360,9 +375,17 @@ def _to_ptdit(state_dict: StateDict, config: dict | None) -> tuple[PTDiTConfig, 
     return ours, to_ptdit_state_dict(state_dict)
 
 
-def _from_ptdit(config: PTDiTConfig, state_dict: StateDict) -> tuple[StateDict, dict]:
+def sidecar_json(config: PTDiTConfig) -> dict:
+    """The predictor JSON, or {"predictor": ..., EXTRA_KEY: ...} when our config has fields
+    the predictor cannot say (EXTRA_FIELDS) at other values than their defaults."""
     predictor = predictor_json(config)
-    return from_ptdit_state_dict(state_dict, config), predictor
+    extra = changed_fields(config, EXTRA_FIELDS, tuple(EXTRA_FIELDS))
+    return {"predictor": predictor, EXTRA_KEY: extra} if extra else predictor
+
+
+def _from_ptdit(config: PTDiTConfig, state_dict: StateDict) -> tuple[StateDict, dict]:
+    sidecar = sidecar_json(config)   # first: it names what the release cannot express
+    return from_ptdit_state_dict(state_dict, config), sidecar
 
 
 OFFICIAL_PTDIT = Format(name="official-ptdit", family="PT-DiT", detect=_detect,
@@ -383,7 +406,8 @@ def from_official_ptdit(state_dict: Mapping[str, Tensor], config: Mapping | None
 
 
 def to_official_ptdit(model: nn.Module) -> tuple[StateDict, dict]:
-    """The release's state dict and predictor JSON for one of our PT-DiT models."""
+    """The release's state dict and predictor JSON for one of our PT-DiT models (see
+    sidecar_json: wrapped with EXTRA_KEY when the predictor cannot say the whole config)."""
     if not isinstance(model.config, PTDiTConfig):
         raise ValueError(f"the official PT-DiT format holds PT-DiT models, not "
                          f"{model.config.family}")

@@ -6,7 +6,13 @@ every input and drops it; it is written back on export) and, for the multi-scale
 PixArtMS's `csize_embedder` / `ar_embedder` (our `micro_condition`). diffusers renames the
 modules (`adaln_single`, `caption_projection`, `transformer_blocks.i.attn1/attn2`, `proj_out`,
 `scale_shift_table`), splits the fused projections and drops the learned null caption
-`y_embedder.y_embedding` (our `null_caption`; export to diffusers loses it).
+`y_embedder.y_embedding` (our `null_caption`; export to diffusers drops it with a warning).
+
+Fields neither format says travel beside it: for the official files, whose only config is the
+shapes, the sidecar `<file>.json` holds num_heads, norm_eps, pos_interp_scale, ... (checked
+against the shapes and the stored pos_embed on import); diffusers' config.json carries
+class_dropout_prob and model_max_length under EXTRA_KEY ("ptdit_config") when they differ
+from the values import assumes.
 
 Config correspondences: `sample_size` = our `input_size` (latent side the positions are defined
 on), `interpolation_scale` = `pos_interp_scale` (PixArt's `lewei_scale`),
@@ -19,6 +25,7 @@ Sources: PixArt-alpha/PixArt-alpha `diffusion/model/nets/PixArt.py`, `PixArtMS.p
 (AdaLayerNormSingle), `embeddings.py` (PixArtAlphaCombinedTimestepSizeEmbeddings, PatchEmbed).
 """
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -26,9 +33,9 @@ from torch import Tensor
 
 from ..configs import MODELS, PixArtConfig
 from ..layers import position_table
-from .base import Format, StateDict
-from .dit import (block_count, checked_config, diffusers_config, fuse, heads_for, pop_linear,
-                  require, split_qkv)
+from .base import EXTRA_KEY, Format, StateDict, changed_fields, extra_fields
+from .dit import (block_count, checked_config, diffusers_config, fuse, heads_for, mlp_ratio_for,
+                  pop_linear, require, split_qkv)
 
 PIXART_HEADS = {(c.depth, c.hidden_size): c.num_heads for c in MODELS.values()
                 if isinstance(c, PixArtConfig)}
@@ -95,10 +102,17 @@ def _detect_official(state_dict: Mapping[str, Tensor], config: dict | None) -> b
             "blocks.0.cross_attn.q_linear.weight", "final_layer.scale_shift_table"} <= keys
 
 
+# PixArtConfig fields an official file cannot say (or, without a null caption, its length);
+# its sidecar holds them.
+OFFICIAL_SIDECAR = ("num_heads", "mlp_ratio", "class_dropout_prob", "norm_eps",
+                    "pos_interp_scale", "model_max_length")
+
+
 def _official_to_ptdit(state_dict: Mapping[str, Tensor], config: dict | None
                        ) -> tuple[PixArtConfig, StateDict]:
-    """`config`: None, or PixArtConfig fields the shapes cannot give (num_heads, input_size
-    when the file has no pos_embed, pos_interp_scale to override the inferred one)."""
+    """`config`: None, or PixArtConfig fields the shapes cannot give (OFFICIAL_SIDECAR: the
+    sidecar that export writes; input_size when the file has no pos_embed). The fields the
+    shapes give must agree with them, and a given pos_interp_scale with the stored pos_embed."""
     what = "official PixArt-α"
     sd = unwrap(state_dict)
     depth = block_count(sd, "blocks")
@@ -113,7 +127,8 @@ def _official_to_ptdit(state_dict: Mapping[str, Tensor], config: dict | None
                          f"channels; allowed: {C} or {2 * C} (learned sigma)")
     inferred = dict(depth=depth, hidden_size=D, patch_size=p, in_channels=C,
                     learn_sigma=out_channels == 2 * C,
-                    mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
+                    mlp_ratio=mlp_ratio_for(sd["blocks.0.mlp.fc1.weight"].shape[0], D, overrides,
+                                            what),
                     caption_channels=sd["y_embedder.y_proj.fc1.weight"].shape[1],
                     micro_condition=micro, null_caption="y_embedder.y_embedding" in sd)
     if inferred["null_caption"]:
@@ -127,7 +142,9 @@ def _official_to_ptdit(state_dict: Mapping[str, Tensor], config: dict | None
             raise ValueError(f"{what}: pos_embed holds {pos_embed.shape[1]} positions, not a "
                              "square grid")
         inferred["input_size"] = grid * p
-        if "pos_interp_scale" not in overrides:
+        if "pos_interp_scale" in overrides:
+            _check_scale(pos_embed, D, grid, overrides["pos_interp_scale"], what)
+        else:
             inferred["pos_interp_scale"] = _stored_scale(pos_embed, D, grid, p, what)
     elif "input_size" not in overrides:
         raise ValueError(f"{what}: the file has no pos_embed to read the configured size from; "
@@ -137,23 +154,38 @@ def _official_to_ptdit(state_dict: Mapping[str, Tensor], config: dict | None
     return checked_config(PixArtConfig, inferred, overrides, what), sd
 
 
+def _is_table(pos_embed: Tensor, hidden_size: int, grid: int, scale: float) -> bool:
+    """Whether the stored table is the sin-cos table of `scale`, up to its dtype's rounding."""
+    atol = max(1e-5, torch.finfo(pos_embed.dtype).eps)
+    table = _pos_table(hidden_size, grid, scale).to(pos_embed.device)
+    return torch.allclose(pos_embed.double(), table, atol=atol, rtol=0)
+
+
 def _stored_scale(pos_embed: Tensor, hidden_size: int, grid: int, patch_size: int,
                   what: str) -> float:
-    """The lewei scale the stored sin-cos table was built with (float32 storage tolerance);
-    the release's value is tried first."""
+    """The lewei scale the stored sin-cos table was built with; the release's value is tried
+    first."""
     for scale in (default_interp_scale(grid * patch_size), *_SCALES):
-        table = _pos_table(hidden_size, grid, scale).to(pos_embed.device)
-        if torch.allclose(pos_embed.double(), table, atol=1e-5, rtol=0):
+        if _is_table(pos_embed, hidden_size, grid, scale):
             return scale
     raise ValueError(f"{what}: pos_embed is no sin-cos table with interpolation scale in "
                      f"{_SCALES}; pass pos_interp_scale")
 
 
-def _official_from_ptdit(config: PixArtConfig, state_dict: StateDict) -> tuple[StateDict, None]:
+def _check_scale(pos_embed: Tensor, hidden_size: int, grid: int, scale, what: str) -> None:
+    if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0
+            or not _is_table(pos_embed, hidden_size, grid, scale)):
+        raise ValueError(f"{what}: the given pos_interp_scale {scale!r} does not match the "
+                         f"stored pos_embed (a sin-cos table of another scale); leave it out to "
+                         f"read the scale off the table")
+
+
+def _official_from_ptdit(config: PixArtConfig, state_dict: StateDict) -> tuple[StateDict, dict]:
     grid = config.input_size // config.patch_size
     weight = state_dict["x_embedder.proj.weight"]
     table = _pos_table(config.hidden_size, grid, config.pos_interp_scale)
-    return {**state_dict, "pos_embed": table.to(weight.dtype)}, None
+    return ({**state_dict, "pos_embed": table.to(weight.dtype)},
+            {f: getattr(config, f) for f in OFFICIAL_SIDECAR})
 
 
 OFFICIAL_PIXART = Format(name="official-pixart", family="PixArt", detect=_detect_official,
@@ -191,6 +223,9 @@ _TOP_MS = {
 _BLOCK = {"attn.proj": "attn1.to_out.0", "cross_attn.q_linear": "attn2.to_q",
           "cross_attn.proj": "attn2.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2"}
 _NULL_CAPTION = "caption_projection.y_embedding"  # kept by early diffusers conversions
+# PixArtConfig fields config.json cannot say, and the values import assumes; a model with other
+# values records them under EXTRA_KEY.
+DIFFUSERS_PIXART_IMPLIED = {"class_dropout_prob": 0.1, "model_max_length": 120}
 
 
 def _diffusers_pixart_keys(depth: int, micro_condition: bool) -> set[str]:
@@ -229,6 +264,7 @@ def _diffusers_pixart_to_ptdit(state_dict: Mapping[str, Tensor], config: dict | 
     if out_channels not in (C, 2 * C):
         raise ValueError(f"{what}: out_channels {out_channels} for in_channels {C}; allowed: "
                          f"{C} or {2 * C} (learned sigma)")
+    extra = extra_fields(config, tuple(DIFFUSERS_PIXART_IMPLIED), what)
     micro = cfg["use_additional_conditions"]
     micro = sample_size == 128 if micro is None else micro   # diffusers' rule
     scale = cfg["interpolation_scale"]
@@ -252,24 +288,33 @@ def _diffusers_pixart_to_ptdit(state_dict: Mapping[str, Tensor], config: dict | 
         for ours, theirs in _BLOCK.items():
             pop_linear(sd, f"{src}.{theirs}", out, f"{dst}.{ours}")
 
-    config_out = PixArtConfig(
+    inferred = dict(
         depth=depth, hidden_size=D, num_heads=cfg["num_attention_heads"],
         patch_size=cfg["patch_size"], input_size=sample_size, in_channels=C,
         mlp_ratio=out["blocks.0.mlp.fc1.weight"].shape[0] / D,
         caption_channels=cfg["caption_channels"], learn_sigma=out_channels == 2 * C,
         pos_interp_scale=float(scale), norm_eps=cfg["norm_eps"], micro_condition=micro,
-        null_caption=null_caption is not None,
-        **({"model_max_length": null_caption.shape[0]} if null_caption is not None else {}))
-    return config_out, out
+        null_caption=null_caption is not None)
+    if null_caption is not None:
+        inferred["model_max_length"] = null_caption.shape[0]
+    implied = {k: v for k, v in DIFFUSERS_PIXART_IMPLIED.items() if k not in inferred}
+    return checked_config(PixArtConfig, inferred, {**implied, **extra}, what), out
 
 
 def _diffusers_pixart_from_ptdit(config: PixArtConfig, state_dict: StateDict
                                  ) -> tuple[StateDict, dict]:
+    """Refuses mlp_ratio ≠ 4. diffusers' model has no learned null caption: a model with one
+    (null_caption=True) loses `y_embedder.y_embedding`, with a UserWarning, and reloads with
+    null_caption=False (guidance then needs the empty prompt's T5 features, as diffusers'
+    pipeline uses)."""
     what = "diffusers PixArtTransformer2DModel"
     if config.mlp_ratio != 4.0:
         raise ValueError(f"{what} has mlp_ratio 4; this model has {config.mlp_ratio}")
     sd = dict(state_dict)
-    sd.pop("y_embedder.y_embedding", None)  # diffusers has no learned null caption
+    if sd.pop("y_embedder.y_embedding", None) is not None:
+        warnings.warn(f"{what} has no learned null caption: y_embedder.y_embedding "
+                      f"({config.model_max_length}×{config.caption_channels}) is dropped, and "
+                      f"the converted model reloads with null_caption=False", stacklevel=3)
     out: StateDict = {}
     for ours, theirs in {**_TOP, **(_TOP_MS if config.micro_condition else {})}.items():
         pop_linear(sd, ours, out, theirs)
@@ -298,9 +343,13 @@ def _diffusers_pixart_from_ptdit(config: PixArtConfig, state_dict: StateDict
         "use_additional_conditions": config.micro_condition,
         "caption_channels": config.caption_channels, "attention_type": "default",
     }
+    extra = changed_fields(config, DIFFUSERS_PIXART_IMPLIED, tuple(DIFFUSERS_PIXART_IMPLIED))
+    if extra:
+        config_json[EXTRA_KEY] = extra
     return out, config_json
 
 
 DIFFUSERS_PIXART = Format(name="diffusers-pixart", family="PixArt",
                           detect=_detect_diffusers_pixart, to_ptdit=_diffusers_pixart_to_ptdit,
-                          from_ptdit=_diffusers_pixart_from_ptdit)
+                          from_ptdit=_diffusers_pixart_from_ptdit,
+                          config_keys=frozenset({*DIFFUSERS_PIXART_DEFAULTS, EXTRA_KEY}))

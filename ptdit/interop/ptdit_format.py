@@ -2,11 +2,14 @@
 
 The format is a safetensors file whose metadata holds everything needed to rebuild the model:
 `{"format": "ptdit", "family": "PT-DiT", "config": "<the config dataclass as JSON>",
-"name": "<registry name or empty>"}`. Tensors carry ptdit's own parameter names.
+"name": "<registry name or empty>"}`. Tensors carry ptdit's own parameter names. The name is
+informative only: a loaded model is named by `registry_name` of its config.
 """
 
 import dataclasses
 import json
+import types
+import typing
 from collections.abc import Mapping
 
 import torch
@@ -18,20 +21,54 @@ from .base import Format, StateDict
 
 CONFIG_CLASSES = {"DiT": DiTConfig, "PixArt": PixArtConfig, "PT-DiT": PTDiTConfig}
 PROVENANCE_FIELDS = ("source", "paper_params_m")  # describe a config, not the architecture
+# The configured latent size and its position interpolation: they set the stored position
+# table (DiT) or the positions' scale, not the layers; a registry name stands for any of them
+# (DiT-XL/2 at 256 and at 512 px).
+RESOLUTION_FIELDS = ("input_size", "pos_interp_scale")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
 
 
 def config_to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
+def _type_ok(value, kind) -> bool:
+    """Whether a JSON value fits a config annotation (int, float, bool, str, tuple, unions)."""
+    if isinstance(kind, types.UnionType):
+        return any(_type_ok(value, k) for k in typing.get_args(kind))
+    kind = typing.get_origin(kind) or kind
+    if kind is float:   # JSON may write a float as an int
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def typed_config(cls: type, fields: Mapping, what: str):
+    """`cls(**fields)`, with a ValueError naming an unknown field or one whose value does not
+    fit its annotation (the config then checks the values)."""
+    check_fields(cls, fields, what)
+    for f in dataclasses.fields(cls):
+        if f.name in fields and not isinstance(f.type, str) and not _type_ok(fields[f.name],
+                                                                             f.type):
+            kind = getattr(f.type, "__name__", str(f.type))
+            raise ValueError(f"{what}: {f.name} must be {kind}, got {fields[f.name]!r}")
+    try:
+        return cls(**fields)
+    except TypeError as err:
+        raise ValueError(f"{what}: bad config field ({err})") from None
+
+
 def config_from_dict(family: str, fields: Mapping) -> object:
     """The family's config dataclass from a dict of its fields (as written by config_to_dict)."""
-    if family not in CONFIG_CLASSES:
+    if not isinstance(family, str) or family not in CONFIG_CLASSES:
         raise ValueError(f"unknown model family {family!r}; allowed: {', '.join(CONFIG_CLASSES)}")
-    cls = CONFIG_CLASSES[family]
-    check_fields(cls, fields, f"{family} config")
+    if not isinstance(fields, Mapping):
+        raise ValueError(f"a {family} config must be a JSON object of its fields, got "
+                         f"{type(fields).__name__} {fields!r:.80}")
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
-    return cls(**fields)
+    return typed_config(CONFIG_CLASSES[family], fields, f"{family} config")
 
 
 def architecture(config) -> dict:
@@ -39,13 +76,31 @@ def architecture(config) -> dict:
     return {k: v for k, v in config_to_dict(config).items() if k not in PROVENANCE_FIELDS}
 
 
+def layers(config) -> dict:
+    """The architecture without RESOLUTION_FIELDS: what a registry name stands for."""
+    return {k: v for k, v in architecture(config).items() if k not in RESOLUTION_FIELDS}
+
+
 def registry_name(config) -> str | None:
-    """The registry name whose configuration builds the same network, if any."""
+    """The registry name whose configuration has the same layers (any configured resolution),
+    if any."""
     for name in list_models():
         named = get_config(name)
-        if type(named) is type(config) and architecture(named) == architecture(config):
+        if type(named) is type(config) and layers(named) == layers(config):
             return name
     return None
+
+
+def model_dtype(dtype) -> torch.dtype | None:
+    """A model dtype given as a floating torch.dtype or its name (None stays None)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise ValueError(f"dtype {dtype!r} is not a model dtype; allowed: {', '.join(DTYPES)} "
+                     "(as names or torch dtypes)")
 
 
 def checkpoint_dtype(state_dict: Mapping[str, Tensor]) -> torch.dtype:
@@ -73,9 +128,11 @@ def instantiate(config, state_dict: StateDict, dtype: torch.dtype | None = None,
                 name: str | None = None, source: str = "checkpoint") -> nn.Module:
     """Builds the model for `config` on the meta device and assigns `state_dict` to it.
 
-    The model takes the checkpoint's dtype (see checkpoint_dtype) unless `dtype` is given.
+    The model takes the checkpoint's dtype (see checkpoint_dtype) unless `dtype` is given (a
+    torch dtype or its name, see DTYPES). It is named `name`, else by `registry_name(config)`.
     Raises ValueError listing every missing key, unexpected key and shape mismatch at once.
     """
+    dtype = model_dtype(dtype)
     with torch.device("meta"):
         model = model_class(config)(config)
     expected = model.state_dict()
@@ -110,7 +167,7 @@ def _to_ptdit(state_dict: StateDict, config: dict | None) -> tuple[object, State
         raise ValueError("a ptdit-format checkpoint needs its metadata (format, family, config)")
     fields = config["config"]
     if isinstance(fields, str):
-        fields = json.loads(fields)
+        fields = _json(fields, "config")
     return config_from_dict(config["family"], fields), dict(state_dict)
 
 
@@ -129,9 +186,17 @@ def metadata(config: dict, name: str | None) -> dict[str, str]:
             "config": json.dumps(config["config"]), "name": name or ""}
 
 
+def _json(text: str, field: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"the ptdit metadata field {field!r} is not valid JSON ({err}): "
+                         f"{text!r:.80}") from None
+
+
 def read_metadata(meta: Mapping[str, str] | None) -> dict | None:
     """The ptdit config dict from safetensors metadata, or None when the file is not ours."""
     if not meta or meta.get("format") != "ptdit":
         return None
     return {"format": "ptdit", "family": meta.get("family"),
-            "config": json.loads(meta.get("config", "{}")), "name": meta.get("name") or None}
+            "config": _json(meta.get("config", "{}"), "config"), "name": meta.get("name") or None}
