@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 BACKENDS = ("sdpa", "math")
 KINDS = ("global", "proxy", "proxy_cross", "window", "shift_window", "text_cross")
-MASK_VALUE = -10000.0  # additive bias for masked keys, as in the PT-DiT release and PixArt/diffusers
+MASK_VALUE = -10000.0  # additive bias for masked keys, as the PT-DiT release and diffusers use
 
 Observer = Callable[[nn.Module, Tensor], None]
 
@@ -37,7 +37,8 @@ Observer = Callable[[nn.Module, Tensor], None]
 
 def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, backend: str,
            module: nn.Module | None = None, observer: Observer | None = None) -> Tensor:
-    """softmax(q·kᵀ/√d + bias)·v over (..., heads, L, d); bias broadcasts to (..., heads, Lq, Lk)."""
+    """softmax(q·kᵀ/√d + bias)·v over (..., heads, L, d); bias broadcasts to (..., heads, Lq, Lk).
+    """
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     if backend == "math":
@@ -206,7 +207,8 @@ def shift_permutation(grid: tuple[int, int, int], window: tuple[int, int, int]
 
 
 def _region_labels(n: int, c: int) -> Tensor:
-    """Swin regions along one axis of length n, window c, shift c//2: [0,n-c), [n-c,n-s), [n-s,n)."""
+    """Swin regions along an axis of length n, window c, shift s = c//2:
+    [0, n-c), [n-c, n-s), [n-s, n)."""
     s = c // 2
     labels = torch.zeros(n, dtype=torch.int64)
     if s:

@@ -173,7 +173,8 @@ def _mlp(rows: int, D: int, mlp_ratio: float):
 def layers(work: Workload) -> Iterator[Linear | Products | Table]:
     """Every MAC-doing layer call and every MAC-free parameter of the forward pass."""
     c, s = work.config, work.shape
-    B, T, D, H, p, L = s.batch, s.tokens, c.hidden_size, c.num_heads, c.patch_size, work.text_tokens
+    B, T, D, H = s.batch, s.tokens, c.hidden_size, c.num_heads
+    p, L = c.patch_size, work.text_tokens
     out_channels = c.in_channels * (2 if c.learn_sigma else 1)
     text = is_text_conditioned(c)
 
@@ -257,7 +258,8 @@ def parameters(work: Workload) -> tuple[int, int]:
 
 
 def activation_elements(work: Workload) -> tuple[int, int]:
-    """(all MAC-op output elements, attention-score elements) of one forward pass (math backend)."""
+    """(all MAC-op output elements, attention-score elements) of one forward pass, as the math
+    backend materialises them."""
     every = scores = 0
     for layer in layers(work):
         if isinstance(layer, Linear):

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """adaLN modulation x·(1+scale)+shift; shift/scale broadcast over tokens: (B, 1, D) or (B, D)."""
+    """adaLN modulation x·(1+scale)+shift; shift, scale: (B, 1, D) or (B, D), per sample."""
     if shift.dim() == 2:
         shift, scale = shift.unsqueeze(1), scale.unsqueeze(1)
     return x * (1 + scale) + shift
@@ -105,7 +105,7 @@ class SizeEmbedder(TimestepEmbedder):
 
 
 class LabelEmbedder(nn.Module):
-    """Embeds class labels; index `num_classes` is the null class used for classifier-free guidance."""
+    """Embeds class labels; index `num_classes` is the null class for classifier-free guidance."""
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
         super().__init__()
@@ -115,7 +115,7 @@ class LabelEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
 
     def token_drop(self, labels: Tensor, force_drop_ids: Tensor | None = None) -> Tensor:
-        """Replaces labels by the null class: at random in training, or where force_drop_ids == 1."""
+        """Replaces labels by the null class: at random in training, or where forced (1)."""
         if force_drop_ids is None:
             drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
         else:

@@ -8,13 +8,12 @@ import torch
 import ptdit
 
 
-def randomize(model: torch.nn.Module, std: float = 0.1, seed: int | None = None) -> torch.nn.Module:
-    """Redraws every parameter and floating buffer (zero-initialised layers would otherwise hide
-    whole branches): weights N(0, std), LayerNorm-free models so nothing else to keep."""
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+def randomize(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
+    """Redraws every parameter and floating buffer N(0, std): zero-initialised layers would
+    otherwise hide whole branches."""
     with torch.no_grad():
         for p in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * std)
+            p.copy_(torch.randn(p.shape, dtype=torch.float64).to(p.dtype) * std)
     return model
 
 

@@ -212,7 +212,11 @@ def test_round_trip_is_exact(fmt):
     else:   # no null class, and an MLP ratio the MLP width does not give (int(32·3.3) = 105)
         config = dataclasses.replace(SMALL, norm_eps=1e-5, freq_shift=1, class_dropout_prob=0.0,
                                      mlp_ratio=3.3, learn_sigma=False)
-    model = float64_dit(config)
+    assert_exact_round_trip(fmt, config, float64_dit(config))
+
+
+def assert_exact_round_trip(fmt, config, model):
+    """ours -> fmt (through JSON, as on disk) -> ours gives the same config and tensors."""
     state_dict, config_json = fmt.from_ptdit(config, model.state_dict())
     assert fmt.detect(state_dict, config_json)
     back_config, back = fmt.to_ptdit(state_dict, json.loads(json.dumps(config_json)))

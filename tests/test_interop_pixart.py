@@ -5,11 +5,11 @@ cross-attention outputs and final layer included), diffusers' float32 islands li
 """
 
 import dataclasses
-import json
 
 import pytest
 import torch
-from test_interop_dit import TOL, diffusers, float64_diffusers, redraw  # noqa: F401 (fixture)
+from test_interop_dit import (TOL, assert_exact_round_trip, diffusers,  # noqa: F401
+                              float64_diffusers, redraw)                # (fixture)
 
 from ptdit.configs import PixArtConfig, get_config
 from ptdit.interop.pixart import (DIFFUSERS_PIXART, OFFICIAL_PIXART, PIXART_RELEASES,
@@ -100,12 +100,7 @@ def test_round_trip_is_exact(fmt, micro, scale):
         config = dataclasses.replace(config, mlp_ratio=3.3)
     model = PixArt(config).double()
     redraw(model)
-    state_dict, config_json = fmt.from_ptdit(config, model.state_dict())
-    assert fmt.detect(state_dict, config_json)
-    back_config, back = fmt.to_ptdit(state_dict, json.loads(json.dumps(config_json)))
-    assert back_config == config
-    assert back.keys() == model.state_dict().keys()
-    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+    assert_exact_round_trip(fmt, config, model)
 
 
 def test_diffusers_drops_the_null_caption_with_a_warning():

@@ -27,7 +27,8 @@ from ptdit.interop.ptdit_format import registry_name
 from ptdit.layers import unpatchify
 
 # A copy of shared/reference/official_ptdit_1b_keys.json: every key and shape of the 1B release.
-RELEASE_KEYS = json.loads((Path(__file__).parent / "data" / "official_ptdit_1b_keys.json").read_text())
+RELEASE_KEYS = json.loads(
+    (Path(__file__).parent / "data" / "official_ptdit_1b_keys.json").read_text())
 
 # The 1B predictor, scaled down: D = 2 × 8, 2 blocks, 12 caption channels, 4×4-token windows.
 SMALL = {**RELEASE_KEYS["constructor_kwargs"], "num_heads": 2, "head_dim": 8, "num_layers": 2,

@@ -9,7 +9,7 @@ import torch
 import ptdit
 from ptdit.attention import attention_modules, set_backend
 
-from conftest import condition, randomize, small_model
+from conftest import SMALL, condition, randomize, small_model
 
 # A copy of shared/reference/official_ptdit_1b_keys.json: every key and shape of the 1B release.
 RELEASE_KEYS = pathlib.Path(__file__).parent / "data" / "official_ptdit_1b_keys.json"
@@ -137,7 +137,7 @@ def test_zero_initialised_proxy_and_shift_projections_change_nothing():
             torch.nn.init.zeros_(layer.weight)
             torch.nn.init.zeros_(layer.bias)
     bare = ptdit.build("PT-DiT/XL", dtype=torch.float64, giim=False, shift_window=False,
-                       **{k: v for k, v in __import__("conftest").SMALL["PT-DiT"][1].items()})
+                       **SMALL["PT-DiT"][1])
     missing, unexpected = bare.load_state_dict(full.state_dict(), strict=False)
     assert not missing and unexpected  # bare lacks exactly the branch weights
     x = torch.randn(2, 4, 32, 32, dtype=torch.float64)

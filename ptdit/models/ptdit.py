@@ -111,7 +111,7 @@ class PTDiTBlock(nn.Module):
             shift_sw, scale_sw, gate_sw = (self.shift_scale_shift_table[None] + t[:, :3]).chunk(
                 3, dim=1)
             h = modulate(self.norm_shift(x), shift_sw, scale_sw)
-            h = h[:, layout.shift_index].view(B * nW, N, D)                # a rolled window per row
+            h = h[:, layout.shift_index].view(B * nW, N, D)              # a rolled window per row
             h = self.shift_attn(h, layout.shift_bias).view(B, T, D)
             x = x + self.shift_out(gate_sw * h[:, layout.unshift_index])    # rolled back
         if self.text:
