@@ -24,8 +24,10 @@ The counted model is built on `meta` in the row's dtype, with the forward inputs
 (PixArtMS's image size and aspect ratio included), so any config override counts as built.
 """
 
+import functools
 import platform
 import subprocess
+from pathlib import Path
 import warnings
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
@@ -235,10 +237,16 @@ def count_fvcore(model: nn.Module, inputs: tuple) -> dict[str, int]:
 #                                  Rows                                         #
 #################################################################################
 
+@functools.cache
 def _git_sha() -> str:
+    """The commit of this code (not of the working directory), '+dirty' with local changes;
+    'unknown' outside a git checkout (e.g. an installed wheel)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                              check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, timeout=5, check=True).stdout.strip()
+        sha = git("rev-parse", "--short=12", "HEAD")
+        return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -420,7 +420,12 @@ def run(out_dir: Path = DEFAULT_OUT) -> str:
 
     matplotlib.use("Agg")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file; give a folder (it is created if missing)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the output folder {out_dir}: {err.strerror}") from None
     published = load_published()
     df = compare(published)
     df.to_csv(out_dir / "complexity.csv", index=False)

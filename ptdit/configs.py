@@ -14,18 +14,36 @@ import torch
 from torch import nn
 
 
-def _positive(config, *names: str) -> None:
+def _positive(config, *names: str, number: type | tuple = int) -> None:
+    """ValueError unless each field is a positive `number` (ints by default; bools are not)."""
     for name in names:
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"{name} must be positive, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, number) or value <= 0:
+            kind = "integer" if number is int else "number"
+            raise ValueError(f"{name} must be a positive {kind}, got {value!r}")
+
+
+def _probability(config, name: str) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+
+
+def _latent_size(config) -> None:
+    """input_size (the configured latent side) must be a positive multiple of the patch."""
+    _positive(config, "input_size")
+    if config.input_size % config.patch_size:
+        raise ValueError(f"input_size {config.input_size} is not a multiple of patch "
+                         f"{config.patch_size}; nearest valid: "
+                         f"{nearest_multiples(config.input_size, config.patch_size)}")
 
 
 def check_sizes(config, width_multiple: int) -> None:
     """The sizes every family shares: positive, heads divide the width, and a width the sin-cos
     positions can split (`width_multiple`: 4 for 2-D tables, 16 for 3-D)."""
-    _positive(config, "depth", "hidden_size", "num_heads", "patch_size", "in_channels",
-              "mlp_ratio")
+    _positive(config, "depth", "hidden_size", "num_heads", "patch_size", "in_channels")
+    _positive(config, "mlp_ratio", number=(int, float))
+    _probability(config, "class_dropout_prob")
     D, heads = config.hidden_size, config.num_heads
     if D % heads:
         raise ValueError(f"width {D} is not divisible by {heads} heads; widths that are: "
@@ -63,7 +81,9 @@ class DiTConfig:
 
     def __post_init__(self):
         check_sizes(self, 4)
-        _positive(self, "input_size", "num_classes")
+        _positive(self, "num_classes")
+        _positive(self, "norm_eps", number=(int, float))
+        _latent_size(self)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,7 +115,10 @@ class PixArtConfig:
 
     def __post_init__(self):
         check_sizes(self, 4)
-        _positive(self, "input_size", "caption_channels", "model_max_length", "pos_interp_scale")
+        _positive(self, "caption_channels", "model_max_length")
+        _positive(self, "norm_eps", number=(int, float))
+        _positive(self, "pos_interp_scale", number=(int, float))
+        _latent_size(self)
         if self.micro_condition and self.hidden_size % 3:
             raise ValueError(
                 f"micro_condition needs a width divisible by 3 (size and aspect-ratio embedders "
@@ -143,8 +166,8 @@ class PTDiTConfig:
 
     def __post_init__(self):
         check_sizes(self, 16)   # 3-D positions: D/4 temporal, 3D/8 per spatial axis
-        _positive(self, "caption_channels", "num_classes", "windows_per_side",
-                  "temporal_window", "pos_interp_scale")
+        _positive(self, "caption_channels", "num_classes", "windows_per_side", "temporal_window")
+        _positive(self, "pos_interp_scale", number=(int, float))
         if self.condition not in ("text", "class"):
             raise ValueError(f"condition must be 'text' or 'class', got {self.condition!r}")
         if self.proxies_per_window != 1:
@@ -265,10 +288,28 @@ def model_class(config) -> type[nn.Module]:
     return {DiTConfig: DiT, PixArtConfig: PixArt, PTDiTConfig: PTDiT}[type(config)]
 
 
-def build(name: str, device=None, dtype: torch.dtype | None = None, **overrides) -> nn.Module:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+
+
+def model_dtype(dtype) -> torch.dtype | None:
+    """A model dtype given as a floating torch.dtype or its name (None stays None)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    raise ValueError(f"dtype {dtype!r} is not a model dtype; allowed: {', '.join(DTYPES)} "
+                     "(as names or torch dtypes)")
+
+
+def build(name: str, device=None, dtype: torch.dtype | str | None = None,
+          **overrides) -> nn.Module:
     """Builds a named model in eval mode (call `.train()` to train: it turns on label and
     caption dropout). `device="meta"` allocates nothing (for counting, any size)."""
     config = get_config(name, **overrides)
+    dtype = model_dtype(dtype)
     previous = torch.get_default_dtype()
     try:  # float64 models are built in float64, so fixed tables are not float32-rounded
         if dtype == torch.float64:

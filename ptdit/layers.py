@@ -26,10 +26,14 @@ class ShapeCache:
     def __init__(self):
         self.key, self.value = None, None
 
+    @torch.compiler.disable   # Python bookkeeping: torch.compile calls it, not traces it
     def get(self, key, compute):
         if key != self.key:
             self.key, self.value = None, None   # free the old value before building the new
-            self.value, self.key = compute(), key
+            # Built outside inference mode, so a value made during validation under
+            # torch.inference_mode() still serves training calls afterwards.
+            with torch.inference_mode(False):
+                self.value, self.key = compute(), key
         return self.value
 
 

@@ -32,3 +32,12 @@ def test_models_markdown_table():
     code, text = run("models", "--format", "markdown")
     assert code == 0 and text.startswith("| model")
     assert text.count("\n") >= len(ptdit.list_models()) + 1
+
+
+def test_unwritable_output_is_an_error_not_a_traceback(tmp_path, capsys):
+    taken = tmp_path / "a_file"
+    taken.write_text("not a folder")
+    assert main(["reproduce", "--out", str(taken)]) == 2
+    assert "ptdit reproduce: error: --out" in capsys.readouterr().err
+    assert main(["reproduce", "--out", "/proc/ptdit-cannot-be-here"]) == 2
+    assert "cannot create the output folder" in capsys.readouterr().err

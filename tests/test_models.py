@@ -308,19 +308,73 @@ def test_empty_and_odd_inputs(family):
 
 
 @pytest.mark.parametrize("name,override,match", [
-    ("DiT-S/2", dict(depth=0), r"depth must be positive, got 0"),
-    ("DiT-S/2", dict(mlp_ratio=0), r"mlp_ratio must be positive"),
+    ("DiT-S/2", dict(depth=0), r"depth must be a positive integer, got 0"),
+    ("DiT-S/2", dict(depth=2.5), r"depth must be a positive integer, got 2.5"),
+    ("DiT-S/2", dict(num_heads=6.0), r"num_heads must be a positive integer"),
+    ("DiT-S/2", dict(mlp_ratio=0), r"mlp_ratio must be a positive number"),
+    ("DiT-S/2", dict(class_dropout_prob=-1), r"class_dropout_prob must be a probability"),
+    ("DiT-S/2", dict(input_size=33), r"input_size 33 is not a multiple of patch 2; nearest valid: "
+                                     r"32 or 34"),
+    ("DiT-S/8", dict(input_size=4), r"input_size 4 is not a multiple of patch 8"),
+    ("PT-DiT/XL", dict(windows_per_side=2.5), r"windows_per_side must be a positive integer"),
     ("DiT-S/2", dict(num_heads=5), r"width 384 is not divisible by 5 heads"),
     ("PixArt-XL/2", dict(hidden_size=1150, num_heads=2), r"multiple of 4 .*nearest valid: 1148"),
     ("PT-DiT/XL", dict(hidden_size=1160, num_heads=8), r"multiple of 16 .*1152 or 1168"),
-    ("PT-DiT/XL", dict(windows_per_side=0), r"windows_per_side must be positive"),
-    ("PT-DiT/XL", dict(temporal_window=0), r"temporal_window must be positive"),
+    ("PT-DiT/XL", dict(windows_per_side=0), r"windows_per_side must be a positive integer"),
+    ("PT-DiT/XL", dict(temporal_window=0), r"temporal_window must be a positive integer"),
     ("PT-DiT/XL", dict(window=(True, 2, 2)), r"window must be three positive ints"),
     ("PT-DiT/XL", dict(condition="image"), r"condition must be 'text' or 'class'"),
 ])
 def test_bad_configurations(name, override, match):
     with pytest.raises(ValueError, match=match):
         ptdit.build(name, device="meta", **override)
+
+
+def test_dtype_names_and_bad_dtypes():
+    assert ptdit.build("DiT-S/8", device="meta", dtype="bfloat16").pos_embed.dtype == \
+        torch.bfloat16
+    with pytest.raises(ValueError, match=r"dtype torch.int64 is not a model dtype; allowed: "
+                                         r"float32, bfloat16, float16, float64"):
+        ptdit.build("DiT-S/8", device="meta", dtype=torch.int64)
+
+
+def test_labels_must_be_rows_of_the_label_table():
+    """Without label dropout there is no null class: label num_classes is out of range."""
+    with_null = small_model("DiT", num_classes=10)
+    without = small_model("DiT", num_classes=10, class_dropout_prob=0.0)
+    x = torch.randn(1, 4, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        with_null(x, 1.0, torch.tensor([10]))                    # the null class
+    with pytest.raises(ValueError, match=r"class labels must lie in 0..9, got \[10\]"):
+        without(x, 1.0, torch.tensor([10]))
+    with pytest.raises(ValueError, match=r"class labels must be an integer tensor .* got list"):
+        without(x, 1.0, [3])
+    with pytest.raises(ValueError, match=r"latents must be a .* tensor, got list"):
+        without([[0.0]], 1.0, torch.tensor([3]))
+
+
+def test_caption_features_must_be_a_tensor():
+    model = small_model("PixArt")
+    with pytest.raises(ValueError, match=r"caption features must be a \(1, L, 24\) tensor, got "
+                                         r"NoneType"):
+        model(torch.randn(1, 4, 16, 16, dtype=torch.float64), 1.0, None)
+
+
+def test_dit_classifier_free_guidance_as_the_official_sampler():
+    """forward_with_cfg: conditional half first, guidance on the first three channels only."""
+    model = small_model("DiT")
+    half = torch.randn(2, 4, 16, 16, dtype=torch.float64)
+    x = torch.cat([half, torch.randn_like(half)])        # the second half is ignored
+    t = torch.tensor([300.0, 300.0, 300.0, 300.0], dtype=torch.float64)
+    y = torch.tensor([3, 7, 1000, 1000])
+    with torch.no_grad():
+        out = model.forward_with_cfg(x, t, y, cfg_scale=4.0)
+        both = model(torch.cat([half, half]), t, y)
+    cond, uncond = both[:2], both[2:]
+    guided = uncond[:, :3] + 4.0 * (cond[:, :3] - uncond[:, :3])
+    assert torch.allclose(out[:2, :3], guided, rtol=0, atol=1e-12)
+    assert torch.equal(out[:2, :3], out[2:, :3])
+    assert torch.equal(out[:, 3:], both[:, 3:])
 
 
 def test_models_are_built_for_inference():
@@ -333,18 +387,35 @@ def test_models_are_built_for_inference():
 
 @pytest.mark.parametrize("family", ["DiT", "PixArt", "PT-DiT"])
 def test_per_shape_tables_are_never_stale(family):
-    """Positions, masks and window gathers are cached per shape: a model used at several shapes
-    in turn gives what a fresh model gives at each."""
+    """Positions, masks and window gathers are cached per shape: a model used at several
+    shapes, batch sizes and dtypes in turn gives what a fresh model gives at each."""
     model = small_model(family)
-    cond = condition(model, 2)
-    t = torch.rand(2, dtype=torch.float64) * 1000
-    shapes = [(2, 4, 16, 16), (2, 4, 16, 32), (2, 4, 4, 16, 16), (2, 4, 16, 16)]
+    runs = [((2, 4, 16, 16), torch.float64), ((2, 4, 16, 32), torch.float64),
+            ((3, 4, 4, 16, 16), torch.float64), ((1, 4, 16, 16), torch.float64),
+            ((1, 4, 16, 16), torch.float32), ((2, 4, 16, 16), torch.float64)]
     with torch.no_grad():
-        for shape in shapes:
-            fresh = small_model(family)
+        for shape, dtype in runs:
+            model.to(dtype)
+            fresh = small_model(family, dtype=dtype)
             fresh.load_state_dict(model.state_dict())
-            x = torch.randn(*shape, dtype=torch.float64)
+            x = torch.randn(*shape, dtype=dtype)
+            t = torch.rand(shape[0], dtype=dtype) * 1000
+            cond = condition(model, shape[0], dtype=dtype)
             assert torch.equal(model(x, t, *cond), fresh(x, t, *cond))
+
+
+@pytest.mark.parametrize("family", ["DiT", "PixArt", "PT-DiT"])
+def test_training_after_inference_mode_validation(family):
+    """Tables cached while validating under torch.inference_mode() serve training afterwards."""
+    model = small_model(family)
+    x = torch.randn(2, 4, 16, 16, dtype=torch.float64)
+    t = torch.rand(2, dtype=torch.float64) * 1000
+    cond = condition(model, 2)
+    with torch.inference_mode():
+        model(x, t, *cond)
+    model.train()
+    model(x, t, *cond).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
 def test_window_attention_runs_as_fused_sdpa_over_window_rows():

@@ -145,7 +145,7 @@ class DiT(nn.Module):
                              self.x_embedder.proj.weight.dtype)
         B = shape.batch
         t = check_timesteps(t, B, x.device)
-        check_labels(y, B, self.config.num_classes)
+        check_labels(y, B, self.y_embedder.embedding_table.num_embeddings)
         x = self.x_embedder(shape.as_video(x)) + self.positions(shape)   # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)                      # (B, D)
         for block in self.blocks:

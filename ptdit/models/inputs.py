@@ -8,7 +8,6 @@ from torch import Tensor
 from ..configs import nearest_multiples
 
 VAE_SPATIAL = 8   # pixels per latent pixel (SD / PixArt / Open-Sora-Plan VAEs)
-VAE_TEMPORAL = 4  # pixel frames per latent frame (3-D VAEs)
 
 
 @dataclass(frozen=True)
@@ -52,9 +51,10 @@ def parse_latent(x: Tensor, in_channels: int, patch_size: int, multiple: tuple[i
     """Checks a latent batch against the model: channels, dtype, and a token grid that is a
     multiple of `multiple` (frames, rows, cols) — a window size, or `unit` = "windows per side"
     for PT-DiT's schedule. Messages give the nearest valid sizes in latent pixels and pixels."""
-    if x.dim() not in (4, 5):
-        raise ValueError(f"latents must be (B, C, H, W) or (B, C, F, H, W), got shape "
-                         f"{tuple(x.shape)}")
+    if not isinstance(x, Tensor) or x.dim() not in (4, 5):
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"latents must be a (B, C, H, W) or (B, C, F, H, W) tensor, got "
+                         f"{got}")
     check_dtype("latents", x, dtype)
     video = x.dim() == 5
     B, C = x.shape[:2]
@@ -101,6 +101,9 @@ def check_text(text: Tensor, mask: Tensor | None, batch: int, channels: int,
                dtype: torch.dtype) -> Tensor:
     """Caption features (B, L, channels) — or (B, 1, L, channels), PixArt's layout — and an
     optional (B, L) keep-mask; returns the features as (B, L, channels)."""
+    if not isinstance(text, Tensor):
+        raise ValueError(f"caption features must be a ({batch}, L, {channels}) tensor, got "
+                         f"{type(text).__name__}")
     if text.dim() == 4 and text.shape[1] == 1:
         text = text.squeeze(1)
     if text.dim() != 3 or text.shape[0] != batch or text.shape[2] != channels:
@@ -115,14 +118,16 @@ def check_text(text: Tensor, mask: Tensor | None, batch: int, channels: int,
     return text
 
 
-def check_labels(y: Tensor, batch: int, num_classes: int) -> None:
-    """(B,) integer class labels in 0..num_classes (num_classes is the null class). The value
-    range is checked on CPU tensors only: elsewhere it would cost a device sync per forward and
-    break torch.compile graphs."""
-    if y.shape != (batch,) or y.dtype not in (torch.int32, torch.int64):
+def check_labels(y: Tensor, batch: int, num_labels: int) -> None:
+    """(B,) integer class labels, each a row of the label table (0..num_labels-1; the last row
+    is the null class when the model has one). The value range is checked on CPU tensors only:
+    elsewhere it would cost a device sync per forward and break torch.compile graphs."""
+    if not isinstance(y, Tensor) or y.shape != (batch,) or y.dtype not in (torch.int32,
+                                                                            torch.int64):
+        got = f"{y.dtype} {tuple(y.shape)}" if isinstance(y, Tensor) else type(y).__name__
         raise ValueError(f"class labels must be an integer tensor of shape ({batch},) for a "
-                         f"batch of {batch}, got {y.dtype} {tuple(y.shape)}")
+                         f"batch of {batch}, got {got}")
     if y.device.type == "cpu" and not torch.compiler.is_compiling() and \
-            ((y < 0) | (y > num_classes)).any():
-        raise ValueError(f"class labels must lie in 0..{num_classes} ({num_classes} is the null "
-                         f"class), got {sorted(set(y.tolist()))}")
+            ((y < 0) | (y >= num_labels)).any():
+        raise ValueError(f"class labels must lie in 0..{num_labels - 1}, got "
+                         f"{sorted(set(y.tolist()))}")

@@ -204,7 +204,7 @@ class PTDiT(nn.Module):
             y_bias = text_bias(text_mask, x.dtype)                        # (B, 1, 1, L)
             y = self.y_embedder(y)                                        # (B, L, D)
         else:
-            check_labels(text, B, self.config.num_classes)
+            check_labels(text, B, self.y_embedder.embedding_table.num_embeddings)
             if text_mask is not None:
                 raise ValueError("text_mask applies to captions; this model is class-conditional")
             t = t + self.y_embedder(text)                                 # c = t + y, (B, D)
