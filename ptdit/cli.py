@@ -2,7 +2,8 @@
 
     ptdit models [--format table|csv|json|markdown]
     ptdit convert SRC DST --to {ptdit,diffusers,official} [--format auto|NAME] [--name NAME]
-                  [--dtype float32|bfloat16|float16|float64] [--config JSON] [--force]
+                  [--dtype float32|bfloat16|float16|float64] [--config JSON] [--window F H W]
+                  [--force]
     ptdit flops --model M [M ...] --resolution R [R ...] [--frames F ...] [--batch B]
                 [--text-tokens L] [--window F H W] [--counter analytic|torch|fvcore|all]
                 [--backend sdpa|math] [--dtype float32|bfloat16|float16|float64] [--format ...]
@@ -12,8 +13,9 @@
 import argparse
 import sys
 
+from ptdit.configs import DTYPES
+
 FORMATS = ("table", "csv", "json", "markdown")
-DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -28,18 +30,34 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    import dataclasses
     from pathlib import Path
 
+    from ptdit.configs import get_config
     from ptdit.interop import load, save, target_format
-    from ptdit.interop.load import read_json
+    from ptdit.interop.load import check_destination, read_json
+    from ptdit.interop.ptdit_format import registry_name
 
+    # every argument, and the destination, before anything is loaded
+    if args.name is not None:
+        get_config(args.name)
     config = None
     if args.config is not None:
         path = Path(args.config)
+        if path.is_dir():
+            raise ValueError(f"--config {path} is a folder; it must be a JSON file")
         if not path.is_file():
-            raise ValueError(f"--config {path} does not exist")
+            raise ValueError(f"--config {path} does not exist; it must be a JSON file")
         config = read_json(path, "the --config JSON")
+    check_destination(args.dst, args.force)
     model = load(args.src, name=args.name, format=args.format, dtype=args.dtype, config=config)
+    if args.window is not None:
+        if model.config.family != "PT-DiT":
+            raise ValueError(f"--window sets a PT-DiT's window; {args.src} holds a "
+                             f"{model.config.family} model")
+        # the weights do not depend on the window: only the config changes
+        model.config = dataclasses.replace(model.config, window=tuple(args.window))
+        model.name = registry_name(model.config)
     fmt = target_format(model.config.family, args.to)
     paths = save(model, args.dst, fmt.name, force=args.force)
     dtype = next(model.parameters()).dtype
@@ -99,10 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "layout (facebook DiT, PixArt .pth keys, PT-DiT PTDiTDiffuser)")
     p.add_argument("--format", default="auto",
                    help="source format: auto (recognised from keys/config) or a format name")
-    p.add_argument("--name", help="registry model name the checkpoint must match")
-    p.add_argument("--dtype", choices=DTYPES, help="convert to this dtype (default: keep)")
+    p.add_argument("--name", help="registry model name the checkpoint must match; it also "
+                   "gives what SRC cannot say (the head count, ...)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="convert to this dtype (default: keep)")
     p.add_argument("--config", help="the source's config JSON (official PT-DiT predictor); "
                    "default: SRC's .json sidecar, else inferred from shapes")
+    p.add_argument("--window", nargs=3, type=int, metavar=("F", "H", "W"),
+                   help="PT-DiT only: the converted model's window in tokens (frames, rows, "
+                   "cols); the weights do not depend on it. --to official needs one for a "
+                   "PT-DiT without (every registry PT-DiT but Qihoo-T2I-1B)")
     p.add_argument("--force", action="store_true", help="overwrite an existing DST")
     p.set_defaults(func=cmd_convert)
 
@@ -131,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default="analytic")
     p.add_argument("--backend", choices=("sdpa", "math"), default="sdpa",
                    help="attention backend the counted models run (default sdpa)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="element type: activation_mib and attn_scores_mib scale with its size, "
                    "MACs and params do not; torch/fvcore count the model built in it "
                    "(default float32)")
@@ -152,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:   # bad input, or a path that cannot be read or written
         print(f"ptdit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -34,14 +34,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .attention import KINDS
-from .configs import DiTConfig, PixArtConfig, PTDiTConfig, get_config, nearest_multiples
+from .configs import (DTYPES, DiTConfig, PixArtConfig, PTDiTConfig, get_config,
+                      nearest_multiples)
 from .models.inputs import VAE_SPATIAL, LatentShape, parse_latent
 
 LINEAR_CATEGORIES = ("attn_proj", "mlp", "cond", "io")
 ATTENTION_CATEGORIES = KINDS
 DEFAULT_TEXT_TOKENS = 120   # T5 tokens of PixArt-alpha and PT-DiT (both papers' setting)
 FREQUENCY_CHANNELS = 256    # sinusoidal timestep features fed to the timestep MLP
-DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """`ptdit convert` and `ptdit.interop.save`: every writable format round-trips exactly."""
 
 import dataclasses
+import importlib
 import json
 
 import pytest
@@ -16,7 +17,7 @@ from ptdit.interop.official_ptdit import POS_BUFFER, ptdit_config
 from ptdit.interop.ptdit_format import architecture
 from ptdit.models import DiT, PixArt, PTDiT
 from test_interop_ptdit import SMALL, release_checkpoint
-from test_load import random_model, same_weights
+from test_load import random_model, same_weights, tiny_registry  # noqa: F401 (fixture)
 
 DIT = DiTConfig(depth=2, hidden_size=32, num_heads=4, patch_size=2, input_size=8, num_classes=10)
 
@@ -193,3 +194,84 @@ def test_cli_refuses_a_file_for_a_folder_format_and_vice_versa(tmp_path, capsys)
                      "--force"]) == 2
         assert "is a folder; the" in capsys.readouterr().err
     assert main(["convert", src, str(tmp_path / "hf"), "--to", "diffusers"]) == 0
+
+
+def test_cli_name_gives_the_heads(tmp_path, capsys, tiny_registry):
+    model = random_model(DiT, DIT)
+    torch.save(model.state_dict(), tmp_path / "dit.pt")
+    src, dst = str(tmp_path / "dit.pt"), str(tmp_path / "o.safetensors")
+    assert main(["convert", src, dst, "--to", "ptdit"]) == 2
+    assert "load it with name=" in capsys.readouterr().err
+    assert main(["convert", src, dst, "--to", "ptdit", "--name", "DiT-tiny"]) == 0
+    assert "(DiT, DiT-tiny, float32)" in capsys.readouterr().out
+    assert same_weights(load(dst), model)
+    # an unknown name is refused first, before the (missing) source is read
+    assert main(["convert", str(tmp_path / "missing.pt"), dst, "--to", "ptdit", "--force",
+                 "--name", "DiT-XL/3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'DiT-XL/3'; nearest: " in err and "does not exist" not in err
+
+
+def test_cli_config_must_be_a_json_file(tmp_path, capsys):
+    (tmp_path / "cfg").mkdir()
+    assert main(["convert", str(tmp_path / "x.pt"), str(tmp_path / "o.safetensors"), "--to",
+                 "ptdit", "--config", str(tmp_path / "cfg")]) == 2
+    assert f"--config {tmp_path / 'cfg'} is a folder; it must be a JSON file" in (
+        capsys.readouterr().err)
+
+
+def test_cli_window(tmp_path, capsys):
+    """A registry-style PT-DiT (window=None, the paper's schedule) goes to the official format
+    with --window; the weights are the same, only the window (compress_ratios) is set."""
+    model = random_model(PTDiT, dataclasses.replace(ptdit_config(SMALL), window=None))
+    save(model, tmp_path / "m.safetensors")
+    src, dst = str(tmp_path / "m.safetensors"), str(tmp_path / "o.safetensors")
+    assert main(["convert", src, dst, "--to", "official"]) == 2
+    assert "pass window=" in capsys.readouterr().err
+    assert main(["convert", src, dst, "--to", "official", "--window", "1", "2", "4"]) == 0
+    assert json.loads((tmp_path / "o.json").read_text())["compress_ratios"] == [1, 2, 4]
+    back = load(dst)
+    assert back.config == dataclasses.replace(model.config, window=(1, 2, 4))
+    assert same_weights(back, model)
+    assert main(["convert", src, str(tmp_path / "w.safetensors"), "--to", "ptdit",
+                 "--window", "2", "4", "4"]) == 0
+    assert load(tmp_path / "w.safetensors").config.window == (2, 4, 4)
+    assert main(["convert", src, dst, "--to", "ptdit", "--force", "--window", "0", "4", "4"]
+                ) == 2
+    assert "window must be three positive ints" in capsys.readouterr().err
+    torch.save(random_model(DiT, DIT).state_dict(), tmp_path / "dit.pt")
+    (tmp_path / "dit.json").write_text(json.dumps({"num_heads": 4}))
+    assert main(["convert", str(tmp_path / "dit.pt"), dst, "--to", "ptdit", "--force",
+                 "--window", "1", "2", "2"]) == 2
+    assert "--window sets a PT-DiT's window; " in capsys.readouterr().err
+
+
+def test_cli_unwritable_destinations_exit_2(tmp_path, capsys):
+    """Refused before loading (the source here does not even exist), as an error naming DST."""
+    missing = str(tmp_path / "missing.pt")
+    (tmp_path / "file").write_text("")
+    for dst, to in (("/proc/x.safetensors", "official"), ("/proc/d", "diffusers"),
+                    ("/proc/missing/x.safetensors", "ptdit"),
+                    (str(tmp_path / "file" / "x.safetensors"), "ptdit")):
+        assert main(["convert", missing, dst, "--to", to]) == 2, dst
+        err = capsys.readouterr().err
+        assert err.startswith(f"ptdit convert: error: {dst} cannot be written: "), err
+    # missing folders that can be made are made
+    torch.save(random_model(DiT, DIT).state_dict(), tmp_path / "dit.pt")
+    (tmp_path / "dit.json").write_text(json.dumps({"num_heads": 4}))
+    assert main(["convert", str(tmp_path / "dit.pt"), str(tmp_path / "new/sub/o.safetensors"),
+                 "--to", "ptdit"]) == 0
+
+
+def test_save_names_the_path_when_writing_fails(tmp_path, monkeypatch):
+    load_module = importlib.import_module("ptdit.interop.load")   # the name `load` is the function
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(load_module, "save_file", full)
+    with pytest.raises(ValueError, match="o.safetensors: cannot write the ptdit checkpoint "
+                       r"\(OSError: \[Errno 28\] No space left on device\)"):
+        save(random_model(DiT, DIT), tmp_path / "o.safetensors")
+    with pytest.raises(ValueError, match="/proc/x.safetensors cannot be written: /proc takes no "
+                       "new files"):
+        save(random_model(DiT, DIT), "/proc/x.safetensors")

@@ -20,7 +20,8 @@ import torch
 
 from ptdit.configs import DiTConfig, get_config
 from ptdit.interop import load, save
-from ptdit.interop.dit import DIFFUSERS_DIT, FACEBOOK_DIT, unwrap
+from ptdit.interop.base import unwrap
+from ptdit.interop.dit import DIFFUSERS_DIT, FACEBOOK_DIT
 from ptdit.interop.ptdit_format import architecture
 from ptdit.models import DiT
 

@@ -12,8 +12,9 @@ from test_interop_dit import (TOL, assert_exact_round_trip, diffusers,  # noqa: 
                               float64_diffusers, redraw)                # (fixture)
 
 from ptdit.configs import PixArtConfig, get_config
+from ptdit.interop.base import unwrap
 from ptdit.interop.pixart import (DIFFUSERS_PIXART, OFFICIAL_PIXART, PIXART_RELEASES,
-                                  default_interp_scale, unwrap)
+                                  default_interp_scale)
 from ptdit.models import PixArt
 
 SMALL = PixArtConfig(depth=2, hidden_size=48, num_heads=4, input_size=8, caption_channels=20,

@@ -383,7 +383,7 @@ def test_fields_the_release_cannot_say_ride_beside_it():
     assert ptdit_config({**SMALL, "ptdit_config": extra}) == config
     with pytest.raises(ValueError, match="ptdit_config field.* depth cannot be set there"):
         ptdit_config({"predictor": SMALL, "ptdit_config": {"depth": 3}})
-    with pytest.raises(ValueError, match="windows_per_side must be positive"):
+    with pytest.raises(ValueError, match="windows_per_side must be a positive"):
         ptdit_config({"predictor": SMALL, "ptdit_config": {"windows_per_side": 0}})
     with pytest.raises(ValueError, match="class_dropout_prob must be float, got '0.1'"):
         ptdit_config({"predictor": SMALL, "ptdit_config": {"class_dropout_prob": "0.1"}})

@@ -1,6 +1,7 @@
 """`ptdit.load`: recognises each checkpoint kind, builds the right model in the right dtype, and
 fails with every offending key listed. Every checkpoint is built here; the network is blocked."""
 
+import dataclasses
 import json
 import socket
 
@@ -10,8 +11,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import ptdit
-from ptdit.configs import DiTConfig, PixArtConfig
+from ptdit.configs import MODELS, DiTConfig, PixArtConfig
 from ptdit.interop import FORMATS, from_official_ptdit, load, save
+from ptdit.interop.base import unwrap
+from ptdit.interop.official_ptdit import ptdit_config
 from ptdit.interop.ptdit_format import metadata
 from ptdit.models import DiT, PixArt, PTDiT
 from test_interop_ptdit import SMALL, inputs, release_checkpoint
@@ -182,9 +185,88 @@ def test_a_name_allows_another_resolution(tmp_path):
         load(tmp_path / "DiT-S-8-512x512.pt", name="DiT-B/8")
 
 
+@pytest.fixture
+def tiny_registry(monkeypatch):
+    """Registry entries of checkpoint sizes whose head count the weights cannot give: DIT's
+    (depth, width) is no named DiT's, SMALL's width is no multiple of the release's head_dim."""
+    entries = {"DiT-tiny": DIT,
+               "PT-DiT/tiny": dataclasses.replace(ptdit_config(SMALL), window=None),
+               "Qihoo-tiny": ptdit_config(SMALL)}
+    for name, config in entries.items():
+        monkeypatch.setitem(MODELS, name, config)
+    return entries
+
+
+def test_a_name_gives_what_the_file_cannot_say(tmp_path, tiny_registry):
+    model = random_model(DiT, DIT)
+    torch.save(model.state_dict(), tmp_path / "dit.pt")
+    with pytest.raises(ValueError, match="load it with name="):
+        load(tmp_path / "dit.pt")
+    loaded = load(tmp_path / "dit.pt", name="DiT-tiny")
+    assert loaded.name == "DiT-tiny" and loaded.config == DIT and same_weights(loaded, model)
+    # what the file's own config says wins, and is then checked against the name
+    with pytest.raises(ValueError, match="is not DiT-tiny: num_heads: checkpoint 2, DiT-tiny 4"):
+        load(tmp_path / "dit.pt", name="DiT-tiny", config={"num_heads": 2})
+    with pytest.raises(ValueError, match="holds a DiT model; PixArt-XL/2 is PixArt"):
+        load(tmp_path / "dit.pt", name="PixArt-XL/2")
+
+    # an official PT-DiT without its predictor JSON: heads and window from the name
+    sd = release_checkpoint(SMALL, dtype=torch.float32)
+    save_file(sd, tmp_path / "q.safetensors")
+    with pytest.raises(ValueError, match="head_dim"):
+        load(tmp_path / "q.safetensors")
+    for name, config in tiny_registry.items():
+        if name == "DiT-tiny":
+            continue
+        loaded = load(tmp_path / "q.safetensors", name=name)
+        assert loaded.name == name and loaded.config == config
+        assert same_weights(loaded, from_official_ptdit(sd, SMALL))
+    with pytest.raises(ValueError, match="not divisible by 6 heads"):
+        load(tmp_path / "q.safetensors", name="PT-DiT/S-Class")
+
+
+def test_an_unknown_name_fails_before_any_file_is_read(tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'DiT-XL/3'; nearest: .*DiT-XL/2"):
+        load(tmp_path / "nothing.pt", name="DiT-XL/3")
+
+
+def test_one_unwrapping_for_every_format():
+    """Training checkpoints: DiT's sampler takes "ema", PixArt's scripts "state_dict"; the
+    converters unwrap as load does."""
+    sd = random_model(DiT, DIT).state_dict()
+    other = {k: torch.zeros_like(v) for k, v in sd.items()}
+    for wrapped in (sd, {"model": other, "ema": sd, "opt": {}}, {"state_dict": sd,
+                    "state_dict_ema": other}, {"model": sd}, {"module": sd}):
+        assert unwrap(wrapped) == sd
+        assert FORMATS["facebook-dit"].detect(wrapped, None)
+        assert FORMATS["facebook-dit"].to_ptdit(wrapped, {"num_heads": 4})[1].keys() == sd.keys()
+    pixart = random_model(PixArt, PixArtConfig(depth=1, hidden_size=32, num_heads=2,
+                                               input_size=8, caption_channels=12,
+                                               model_max_length=4))
+    official = FORMATS["official-pixart"].from_ptdit(pixart.config, pixart.state_dict())[0]
+    assert FORMATS["official-pixart"].detect({"ema": official}, None)
+
+
 #################################################################################
 #                                   Failures                                    #
 #################################################################################
+
+def test_a_sidecar_that_is_no_config_is_named(tmp_path):
+    torch.save(random_model(DiT, DIT).state_dict(), tmp_path / "dit.pt")
+    (tmp_path / "dit.json").write_text(json.dumps({"epochs": 10, "lr": 1e-4}))   # a log
+    with pytest.raises(ValueError) as err:
+        load(tmp_path / "dit.pt", config={"num_heads": 4})      # config= updates the sidecar
+    msg = str(err.value)
+    assert "has no option(s) epochs, lr" in msg
+    assert f"{tmp_path / 'dit.json'} was read as the checkpoint's sidecar config" in msg
+
+
+def test_save_refuses_what_is_no_ptdit_model(tmp_path):
+    with pytest.raises(ValueError, match="the model is on the meta device .*no weights"):
+        save(ptdit.build("DiT-S/8", device="meta"), tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="save writes ptdit models .* got a Linear"):
+        save(torch.nn.Linear(2, 2), tmp_path / "m.safetensors")
+    assert not list(tmp_path.iterdir())
 
 def test_truncated_file_lists_missing_keys(tmp_path):
     sd = release_checkpoint(SMALL, dtype=torch.float32)

@@ -19,6 +19,14 @@ StateDict = dict[str, Tensor]
 
 EXTRA_KEY = "ptdit_config"  # {ptdit config field: value} a format's own config cannot say
 
+# Entries of a loaded checkpoint that hold the weights, in the order tried. facebookresearch/DiT
+# training checkpoints hold {"model", "ema", "opt", "args"}, of which its sampler uses "ema"
+# (the released files are that EMA state dict itself); PixArt-α files are {"state_dict": ...},
+# which its inference scripts use (its training checkpoints add "state_dict_ema", unused there);
+# "model" and "module" are other trainers' wrappers. No format keeps its weights under a key
+# another format prefers, so this one order serves DiT, PixArt and PT-DiT files alike.
+WRAPPERS = ("ema", "state_dict", "model", "module")
+
 
 @dataclass(frozen=True)
 class Format:
@@ -36,6 +44,12 @@ class Format:
                 (config.json, predictor JSON) or, for formats without one, the sidecar.
     config_keys: the config.json keys a diffusers format reads (and so the only keys
                 `load(folder, config=...)` may set); None where the converter checks its config.
+    named:      (state_dict, config_or_None, registry config) -> (config, fields), for
+                `load(name=...)` of a format whose files cannot say every field: `config`
+                completed with what the named model says and neither the shapes nor `config`
+                give (its head count, ...), for to_ptdit; `fields`, ptdit config fields to set
+                on to_ptdit's result (what it could only guess). None where the format's own
+                config says all.
     """
 
     name: str
@@ -44,6 +58,24 @@ class Format:
     to_ptdit: Callable[[StateDict, dict | None], tuple[object, StateDict]]
     from_ptdit: Callable[[object, StateDict], tuple[StateDict, dict | None]] | None = None
     config_keys: frozenset[str] | None = None
+    named: Callable[[StateDict, dict | None, object], tuple[dict | None, dict]] | None = None
+
+
+def unwrap(obj: Mapping) -> StateDict:
+    """The weights of a loaded checkpoint: the first entry of WRAPPERS that holds a mapping,
+    else `obj` itself (a new dict either way)."""
+    for key in WRAPPERS:
+        if key in obj and isinstance(obj[key], Mapping):
+            return dict(obj[key])
+    return dict(obj)
+
+
+def named_fields(fields: tuple[str, ...]):
+    """A Format.named for formats whose config is a dict of ptdit fields (a sidecar): the
+    named model's `fields` under the given config."""
+    def named(state_dict: StateDict, config: dict | None, registry_config) -> tuple[dict, dict]:
+        return {**{f: getattr(registry_config, f) for f in fields}, **(config or {})}, {}
+    return named
 
 
 def extra_fields(config: Mapping | None, allowed: tuple[str, ...], what: str) -> dict:

@@ -35,7 +35,8 @@ from torch import Tensor
 
 from ..configs import MODELS, DiTConfig
 from ..layers import position_table
-from .base import EXTRA_KEY, Format, StateDict, changed_fields, extra_fields
+from .base import (EXTRA_KEY, Format, StateDict, changed_fields, extra_fields, named_fields,
+                   unwrap)
 from .ptdit_format import typed_config
 
 DIT_HEADS = {(c.depth, c.hidden_size): c.num_heads for c in MODELS.values()
@@ -105,16 +106,6 @@ def heads_for(depth: int, width: int, registry: dict, overrides: dict | None, wh
 #                       facebookresearch/DiT .pt checkpoints                    #
 #################################################################################
 
-def unwrap(obj: Mapping) -> StateDict:
-    """The model weights of a loaded facebook DiT file: the released files are the EMA state
-    dict itself; training checkpoints hold {"model", "ema", "opt", "args"}, of which the
-    official sampler uses "ema"."""
-    for key in ("ema", "model"):
-        if key in obj and isinstance(obj[key], Mapping):
-            return dict(obj[key])
-    return dict(obj)
-
-
 def dit_keys(depth: int) -> set[str]:
     """Every key of an official DiT state dict of `depth` blocks."""
     keys = {"pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias",
@@ -136,6 +127,9 @@ def _detect_facebook(state_dict: Mapping[str, Tensor], config: dict | None) -> b
 
 # DiTConfig fields a facebook file cannot say; its sidecar holds them.
 FACEBOOK_SIDECAR = ("num_heads", "mlp_ratio", "class_dropout_prob", "norm_eps", "freq_shift")
+# Those the shapes never give (mlp_ratio they do, for the named models): load(name=) takes them
+# from the named model where the sidecar and config= do not say them.
+FACEBOOK_NAMED = ("num_heads", "class_dropout_prob", "norm_eps", "freq_shift")
 
 
 def _facebook_to_ptdit(state_dict: Mapping[str, Tensor], config: dict | None
@@ -174,7 +168,8 @@ def _facebook_from_ptdit(config: DiTConfig, state_dict: StateDict) -> tuple[Stat
 
 
 FACEBOOK_DIT = Format(name="facebook-dit", family="DiT", detect=_detect_facebook,
-                      to_ptdit=_facebook_to_ptdit, from_ptdit=_facebook_from_ptdit)
+                      to_ptdit=_facebook_to_ptdit, from_ptdit=_facebook_from_ptdit,
+                      named=named_fields(FACEBOOK_NAMED))
 
 
 #################################################################################

@@ -6,7 +6,9 @@ Reads locally only; nothing is ever downloaded.
 import argparse
 import dataclasses
 import json
+import os
 import pickle
+import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,18 +19,17 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..configs import get_config
-from .base import EXTRA_KEY, Format, StateDict
+from .base import EXTRA_KEY, WRAPPERS, Format, StateDict, unwrap
 from .dit import DIFFUSERS_DIT, FACEBOOK_DIT
 from .official_ptdit import OFFICIAL_PTDIT
 from .pixart import DIFFUSERS_PIXART, OFFICIAL_PIXART
-from .ptdit_format import (PTDIT, RESOLUTION_FIELDS, instantiate, layers, metadata,
-                           read_metadata, registry_name)
+from .ptdit_format import (CONFIG_CLASSES, PTDIT, RESOLUTION_FIELDS, instantiate, layers,
+                           metadata, read_metadata, registry_name)
 
 FORMATS: dict[str, Format] = {f.name: f for f in (FACEBOOK_DIT, DIFFUSERS_DIT, OFFICIAL_PIXART,
                                                   DIFFUSERS_PIXART, OFFICIAL_PTDIT, PTDIT)}
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-WRAPPERS = ("ema", "state_dict", "model", "module")  # as DiT's and PixArt's samplers unwrap
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 
 # `ptdit convert --to` target -> Format name, per family.
@@ -72,10 +73,8 @@ def _read_torch(path: Path) -> StateDict:
         raise _damaged(path, "torch checkpoint", err) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise _damaged(path, "torch checkpoint", err) from None
-    for key in WRAPPERS:
-        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
-            obj = obj[key]
-            break
+    if isinstance(obj, Mapping):
+        obj = unwrap(obj)
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
         kind = type(obj).__name__
         raise ValueError(f"{path}: expected a state dict (or one under {', '.join(WRAPPERS)}), "
@@ -201,14 +200,15 @@ def detect_format(state_dict: Mapping[str, Tensor], config: dict | None,
     raise ValueError(f"{source}: several formats recognise it ({names}); pass format= to choose")
 
 
-def _check_name(config, name: str | None, source: str):
-    """With `name`: the registry config at the checkpoint's resolution (RESOLUTION_FIELDS), when
-    the checkpoint has that model's layers."""
-    if name is None:
-        return config
-    named = get_config(name)
-    if type(named) is not type(config):
-        raise ValueError(f"{source} holds a {config.family} model; {name} is {named.family}")
+def _check_family(family: str, named, name: str, source: str) -> None:
+    if family not in ("any", named.family):
+        raise ValueError(f"{source} holds a {family} model; {name} is {named.family}")
+
+
+def _check_name(config, named, name: str, source: str):
+    """The registry config `named` (of `name`) at the checkpoint's resolution
+    (RESOLUTION_FIELDS), when the checkpoint has that model's layers."""
+    _check_family(config.family, named, name, source)
     ours, theirs = layers(config), layers(named)
     diff = [f"{k}: checkpoint {ours[k]!r}, {name} {theirs[k]!r}" for k in ours
             if ours[k] != theirs[k]]
@@ -240,7 +240,11 @@ def load(path_or_dir: str | Path, name: str | None = None, format: str = "auto",
             (config.json + diffusion_pytorch_model[.safetensors|.bin|*.index.json]).
         name: a registry name whose layers the checkpoint must have (its configured resolution,
             `input_size` / `pos_interp_scale`, may differ: DiT-XL-2-512x512.pt is DiT-XL/2);
-            the model gets that name. By default the matching registry name, if any.
+            the model gets that name. Checked first (an unknown name fails before any file is
+            read). The fields the file cannot say and its config does not give come from the
+            named model (a facebook DiT's or official PixArt's num_heads, ...; for an official
+            PT-DiT without its predictor JSON, num_heads, window and the EXTRA_FIELDS).
+            By default the matching registry name, if any.
         format: "auto" (recognise from keys and config) or one of FORMATS.
         dtype: the model dtype, a floating torch dtype or its name ("float32", "bfloat16",
             "float16", "float64"); default the checkpoint's (no silent down-cast).
@@ -255,23 +259,35 @@ def load(path_or_dir: str | Path, name: str | None = None, format: str = "auto",
             config.json cannot say under "ptdit_config" ({"ptdit_config": {"freq_shift": 0}}).
             A ptdit-format file carries its config, and refuses this.
     """
+    named = None if name is None else get_config(name)   # ValueError with the nearest names
+    if format != "auto" and format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; allowed: auto, {', '.join(FORMATS)}")
     path = Path(path_or_dir)
     state_dict, found = read_checkpoint(path, config)
-    if format == "auto":
-        fmt = detect_format(state_dict, found, str(path))
-    elif format in FORMATS:
-        fmt = FORMATS[format]
-    else:
-        raise ValueError(f"unknown format {format!r}; allowed: auto, {', '.join(FORMATS)}")
+    fmt = detect_format(state_dict, found, str(path)) if format == "auto" else FORMATS[format]
     if path.is_dir():
         _check_folder_config(config, fmt, str(path))
+    source = f"{path} ({fmt.name})"
+    # a sidecar that is not a config (a training log, ...) must be named in the error
+    side = sidecar(path)
+    note = (f"\n({side} was read as the checkpoint's sidecar config: the JSON beside "
+            f"{path.name} with the same name)"
+            if path.is_file() and side.is_file() and (found or {}).get("format") != "ptdit"
+            else "")
+    if named is not None:
+        _check_family(fmt.family, named, name, str(path))
+    fields = {}
     try:
+        if named is not None and fmt.named is not None:
+            found, fields = fmt.named(state_dict, found, named)
+            source = f"{path} ({fmt.name}, read as {name})"
         family_config, ptdit_state_dict = fmt.to_ptdit(state_dict, found)
+        family_config = dataclasses.replace(family_config, **fields)
     except ValueError as err:
-        raise ValueError(f"{path} ({fmt.name}): {err}") from None
-    family_config = _check_name(family_config, name, str(path))
-    return instantiate(family_config, ptdit_state_dict, dtype=dtype, name=name,
-                       source=f"{path} ({fmt.name})")
+        raise ValueError(f"{source}: {err}{note}") from None
+    if named is not None:
+        family_config = _check_name(family_config, named, name, str(path))
+    return instantiate(family_config, ptdit_state_dict, dtype=dtype, name=name, source=source)
 
 
 #################################################################################
@@ -291,6 +307,45 @@ def target_format(family: str, to: str) -> Format:
     return FORMATS[name]
 
 
+def check_destination(path: str | Path, force: bool = False) -> None:
+    """ValueError unless `path` can be written: it must not exist (unless `force`), and its
+    nearest existing folder must take a new file (missing folders between are created on
+    writing). Tried with a temporary file, since permissions do not say (root, /proc,
+    read-only mounts). `ptdit convert` checks this before it loads anything."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise ValueError(f"{path} exists; pass --force (force=True) to overwrite")
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise ValueError(f"{path}: cannot overwrite it (no write permission)")
+    folder = path if path.is_dir() else path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{path} cannot be written: {folder} is a file, not a folder")
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".ptdit-write-check-")
+    except OSError as err:
+        raise ValueError(f"{path} cannot be written: {folder} takes no new files "
+                         f"({type(err).__name__}: {err.strerror})") from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+def _check_model(model) -> None:
+    """ValueError unless `model` is a ptdit model holding real weights."""
+    config = getattr(model, "config", None)
+    if not isinstance(model, nn.Module) or type(config) not in CONFIG_CLASSES.values():
+        raise ValueError(f"save writes ptdit models (DiT, PixArt, PT-DiT, from ptdit.build or "
+                         f"ptdit.load), whose .config is their family's config; got a "
+                         f"{type(model).__name__}" + ("" if config is None else
+                                                      f" with a {type(config).__name__} config"))
+    meta = [k for k, v in model.state_dict().items() if v.is_meta]
+    if meta:
+        raise ValueError(f"the model is on the meta device (shapes only, no weights: "
+                         f"{len(meta)} tensors, e.g. {meta[0]}); build or load it on a real "
+                         "device (device='cpu') to save it")
+
+
 def _tensors(state_dict: Mapping[str, Tensor]) -> StateDict:
     # safetensors refuses views that share storage (split projections): give each its own
     return {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
@@ -306,9 +361,11 @@ def save(model: nn.Module, path: str | Path, format: str = "ptdit",
     Any other format: one .safetensors file, plus the sidecar `<file>.json`: the official PT-DiT
     predictor JSON, or for facebook DiT and official PixArt the config fields their files
     cannot say (`load` reads it back).
-    An existing destination is refused unless `force`; so is a file path for a folder format
-    and a folder for a file format.
+    An existing destination is refused unless `force`; so is a file path for a folder format,
+    a folder for a file format and a destination that cannot be written (check_destination);
+    so is a model that is not a ptdit model or has no weights (built on the meta device).
     """
+    _check_model(model)
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; allowed: {', '.join(FORMATS)}")
     fmt = FORMATS[format]
@@ -327,6 +384,7 @@ def save(model: nn.Module, path: str | Path, format: str = "ptdit",
                          "give a file path")
     if not folder and path.suffix != ".safetensors":
         raise ValueError(f"{path}: the file must end in .safetensors")
+    check_destination(path, force)
     state_dict, config = fmt.from_ptdit(model.config, model.state_dict())
     if folder:
         paths = [path / "config.json", path / f"{DIFFUSERS_WEIGHTS}.safetensors"]
@@ -335,17 +393,21 @@ def save(model: nn.Module, path: str | Path, format: str = "ptdit",
     existing = [p for p in (path, *paths) if p.exists()]
     if existing and not force:
         raise ValueError(f"{existing[0]} exists; pass --force (force=True) to overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if folder:
-        path.mkdir(exist_ok=True)
-        paths[0].write_text(json.dumps(config, indent=2) + "\n")
-        save_file(_tensors(state_dict), str(paths[1]))
-    elif fmt is PTDIT:
-        save_file(_tensors(state_dict), str(path),
-                  metadata=metadata(config, registry_name(model.config)))
-    else:
-        save_file(_tensors(state_dict), str(path))
-        if config is not None:
-            paths[1].write_text(json.dumps(config, indent=2) + "\n")
+    tensors = _tensors(state_dict)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if folder:
+            path.mkdir(exist_ok=True)
+            paths[0].write_text(json.dumps(config, indent=2) + "\n")
+            save_file(tensors, str(paths[1]))
+        elif fmt is PTDIT:
+            save_file(tensors, str(path), metadata=metadata(config, registry_name(model.config)))
+        else:
+            save_file(tensors, str(path))
+            if config is not None:
+                paths[1].write_text(json.dumps(config, indent=2) + "\n")
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"{path}: cannot write the {fmt.name} checkpoint "
+                         f"({type(err).__name__}: {err})") from None
     return paths
 

@@ -184,16 +184,17 @@ def predictor_json(config: PTDiTConfig) -> dict:
     }
 
 
-def infer_predictor(state_dict: Mapping[str, Tensor]) -> dict:
+def infer_predictor(state_dict: Mapping[str, Tensor], num_heads: int | None = None) -> dict:
     """A predictor JSON read off the checkpoint's shapes, for files that come without one.
 
     Rule: width, input channels and patch from `pos_embed.proj.weight` (D, C, p, p); output
     channels from `proj_out.weight` (p·p·out, D); caption channels from
     `caption_projection.linear_1.weight`; depth from the block indices; shift_window from the
     presence of `attn3`; sample_size and frame from the position buffer (1, frame, (s/p)², D)
-    when present. Not visible in shapes, hence the release's values: head_dim 72 (so
-    num_heads = D / 72), compress_ratios = proxy_compress_ratios = [1, 8, 8], and the fixed
-    fields (norm_eps 1e-6, …). Pass the predictor JSON when these differ.
+    when present. Not visible in shapes, hence `num_heads` when given (a named model's), else
+    the release's head_dim 72 (so num_heads = D / 72); and the release's
+    compress_ratios = proxy_compress_ratios = [1, 8, 8] and fixed fields (norm_eps 1e-6, …).
+    Pass the predictor JSON when these differ.
     """
     try:
         D, C, p, _ = state_dict["pos_embed.proj.weight"].shape
@@ -202,10 +203,14 @@ def infer_predictor(state_dict: Mapping[str, Tensor]) -> dict:
     except KeyError as err:
         raise ValueError(f"cannot infer the official PT-DiT config: key {err} is missing; pass "
                          "the predictor JSON (config=, or <file>.json beside the file)") from None
-    if D % HEAD_DIM_WHEN_INFERRED:
+    if num_heads is not None and D % num_heads:
+        raise ValueError(f"width {D} is not divisible by {num_heads} heads")
+    if num_heads is None and D % HEAD_DIM_WHEN_INFERRED:
         raise ValueError(f"cannot infer the head count of width {D}: not a multiple of the "
-                         f"release's head_dim {HEAD_DIM_WHEN_INFERRED}; pass the predictor JSON "
-                         "(config=, or <file>.json beside the file)")
+                         f"release's head_dim {HEAD_DIM_WHEN_INFERRED}; pass name= (a registry "
+                         "PT-DiT of this size) or the predictor JSON (config=, or <file>.json "
+                         "beside the file)")
+    head_dim = D // num_heads if num_heads is not None else HEAD_DIM_WHEN_INFERRED
     blocks = {int(k.split(".")[1]) for k in state_dict if k.startswith("transformer_blocks.")}
     sample_size, frame = 32, 1
     if POS_BUFFER in state_dict:
@@ -213,7 +218,7 @@ def infer_predictor(state_dict: Mapping[str, Tensor]) -> dict:
         sample_size = math.isqrt(tokens) * p
     return {
         **RELEASE_1B_PREDICTOR,
-        "num_heads": D // HEAD_DIM_WHEN_INFERRED, "head_dim": HEAD_DIM_WHEN_INFERRED,
+        "num_heads": D // head_dim, "head_dim": head_dim,
         "in_channels": C, "out_channels": out, "num_layers": max(blocks, default=-1) + 1,
         "cross_attention_dim": D, "sample_size": sample_size, "frame": frame, "patch_size": p,
         "caption_channels": caption,
@@ -375,6 +380,21 @@ def _to_ptdit(state_dict: StateDict, config: dict | None) -> tuple[PTDiTConfig, 
     return ours, to_ptdit_state_dict(state_dict)
 
 
+def _named(state_dict: StateDict, config: dict | None, named: PTDiTConfig
+           ) -> tuple[dict | None, dict]:
+    """For load(name=) of a file without its predictor JSON: the predictor read off the shapes
+    with the named model's head count (and window, if it has one); the named model's window
+    (None: the paper's schedule) and EXTRA_FIELDS then replace the release's guesses. A given
+    predictor says all (the name is then checked against it)."""
+    if config is not None:
+        return config, {}
+    predictor = infer_predictor(state_dict, num_heads=named.num_heads)
+    if named.window is not None:
+        predictor |= {"compress_ratios": list(named.window),
+                      "proxy_compress_ratios": list(named.window)}
+    return predictor, {f: getattr(named, f) for f in ("window", *EXTRA_FIELDS)}
+
+
 def sidecar_json(config: PTDiTConfig) -> dict:
     """The predictor JSON, or {"predictor": ..., EXTRA_KEY: ...} when our config has fields
     the predictor cannot say (EXTRA_FIELDS) at other values than their defaults."""
@@ -389,7 +409,7 @@ def _from_ptdit(config: PTDiTConfig, state_dict: StateDict) -> tuple[StateDict, 
 
 
 OFFICIAL_PTDIT = Format(name="official-ptdit", family="PT-DiT", detect=_detect,
-                        to_ptdit=_to_ptdit, from_ptdit=_from_ptdit)
+                        to_ptdit=_to_ptdit, from_ptdit=_from_ptdit, named=_named)
 
 
 def from_official_ptdit(state_dict: Mapping[str, Tensor], config: Mapping | None = None,

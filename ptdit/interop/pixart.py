@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..configs import MODELS, PixArtConfig
 from ..layers import position_table
-from .base import EXTRA_KEY, Format, StateDict, changed_fields, extra_fields
+from .base import EXTRA_KEY, Format, StateDict, changed_fields, extra_fields, unwrap
 from .dit import (block_count, checked_config, diffusers_config, fuse, heads_for, mlp_ratio_for,
                   pop_linear, require, split_qkv)
 
@@ -71,13 +71,6 @@ def _pos_table(hidden_size: int, grid: int, scale: float) -> Tensor:
 #                        Official PixArt-α .pth checkpoints                     #
 #################################################################################
 
-def unwrap(obj: Mapping) -> StateDict:
-    """The weights of a loaded official PixArt file: {"state_dict": ...} or the dict itself."""
-    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        return dict(obj["state_dict"])
-    return dict(obj)
-
-
 _MS = {f"{e}.mlp.{i}.{p}" for e in ("csize_embedder", "ar_embedder") for i in (0, 2)
        for p in ("weight", "bias")}
 
@@ -106,6 +99,16 @@ def _detect_official(state_dict: Mapping[str, Tensor], config: dict | None) -> b
 # its sidecar holds them.
 OFFICIAL_SIDECAR = ("num_heads", "mlp_ratio", "class_dropout_prob", "norm_eps",
                     "pos_interp_scale", "model_max_length")
+
+
+def _official_named(state_dict: Mapping[str, Tensor], config: dict | None,
+                    named: PixArtConfig) -> tuple[dict, dict]:
+    """For load(name=): the named model's fields the shapes never give (and its caption length
+    when the file has no null caption to read it from) under the given config."""
+    fields = ["num_heads", "class_dropout_prob", "norm_eps"]
+    if "y_embedder.y_embedding" not in unwrap(state_dict):
+        fields.append("model_max_length")
+    return {**{f: getattr(named, f) for f in fields}, **(config or {})}, {}
 
 
 def _official_to_ptdit(state_dict: Mapping[str, Tensor], config: dict | None
@@ -189,7 +192,8 @@ def _official_from_ptdit(config: PixArtConfig, state_dict: StateDict) -> tuple[S
 
 
 OFFICIAL_PIXART = Format(name="official-pixart", family="PixArt", detect=_detect_official,
-                         to_ptdit=_official_to_ptdit, from_ptdit=_official_from_ptdit)
+                         to_ptdit=_official_to_ptdit, from_ptdit=_official_from_ptdit,
+                         named=_official_named)
 
 
 #################################################################################

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..configs import (DiTConfig, PixArtConfig, PTDiTConfig, check_fields, get_config,
-                       list_models, model_class)
+                       list_models, model_class, model_dtype)
 from .base import Format, StateDict
 
 CONFIG_CLASSES = {"DiT": DiTConfig, "PixArt": PixArtConfig, "PT-DiT": PTDiTConfig}
@@ -25,9 +25,6 @@ PROVENANCE_FIELDS = ("source", "paper_params_m")  # describe a config, not the a
 # table (DiT) or the positions' scale, not the layers; a registry name stands for any of them
 # (DiT-XL/2 at 256 and at 512 px).
 RESOLUTION_FIELDS = ("input_size", "pos_interp_scale")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
-
 
 def config_to_dict(config) -> dict:
     return dataclasses.asdict(config)
@@ -91,18 +88,6 @@ def registry_name(config) -> str | None:
     return None
 
 
-def model_dtype(dtype) -> torch.dtype | None:
-    """A model dtype given as a floating torch.dtype or its name (None stays None)."""
-    if dtype is None:
-        return None
-    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
-        return DTYPES[dtype.removeprefix("torch.")]
-    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
-        return dtype
-    raise ValueError(f"dtype {dtype!r} is not a model dtype; allowed: {', '.join(DTYPES)} "
-                     "(as names or torch dtypes)")
-
-
 def checkpoint_dtype(state_dict: Mapping[str, Tensor]) -> torch.dtype:
     """The floating tensors' dtype; when they are mixed, the widest, so nothing is rounded."""
     dtypes = {v.dtype for v in state_dict.values() if v.is_floating_point()}
@@ -129,7 +114,7 @@ def instantiate(config, state_dict: StateDict, dtype: torch.dtype | None = None,
     """Builds the model for `config` on the meta device and assigns `state_dict` to it.
 
     The model takes the checkpoint's dtype (see checkpoint_dtype) unless `dtype` is given (a
-    torch dtype or its name, see DTYPES). It is named `name`, else by `registry_name(config)`.
+    torch dtype or its name, see ptdit.configs.DTYPES). It is named `name`, else by `registry_name(config)`.
     Raises ValueError listing every missing key, unexpected key and shape mismatch at once.
     """
     dtype = model_dtype(dtype)
