@@ -114,7 +114,8 @@ def instantiate(config, state_dict: StateDict, dtype: torch.dtype | None = None,
     """Builds the model for `config` on the meta device and assigns `state_dict` to it.
 
     The model takes the checkpoint's dtype (see checkpoint_dtype) unless `dtype` is given (a
-    torch dtype or its name, see ptdit.configs.DTYPES). It is named `name`, else by `registry_name(config)`.
+    torch dtype or its name, see ptdit.configs.DTYPES). It is named `name`, else by
+    `registry_name(config)`.
     Raises ValueError listing every missing key, unexpected key and shape mismatch at once.
     """
     dtype = model_dtype(dtype)
