@@ -1,0 +1,1 @@
+"""Attention-map analysis and quality metrics (DESIGN.md); empty until those issues land."""

@@ -1,0 +1,1 @@
+"""Measurement on top of ptdit: FLOP counters, reports, the papers' complexity figures."""
