@@ -46,6 +46,13 @@ def condition(model: torch.nn.Module, batch: int, text_tokens: int = 6, dtype=to
     return text, mask
 
 
+def forward_inputs(model: torch.nn.Module, shape: tuple, dtype=torch.float64):
+    """Fresh random (latents, timesteps in 0..1000, *condition) for `model` at latent `shape`."""
+    x = torch.randn(*shape, dtype=dtype)
+    t = torch.rand(shape[0], dtype=dtype) * 1000
+    return (x, t, *condition(model, shape[0], dtype=dtype))
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed():
     """Fresh random draws on every run; the seed is printed so a failure can be replayed."""

@@ -9,7 +9,7 @@ import torch
 import ptdit
 from ptdit.attention import attention_modules, set_backend
 
-from conftest import SMALL, condition, randomize, small_model
+from conftest import SMALL, condition, forward_inputs, randomize, small_model
 
 # A copy of shared/reference/official_ptdit_1b_keys.json: every key and shape of the 1B release.
 RELEASE_KEYS = pathlib.Path(__file__).parent / "data" / "official_ptdit_1b_keys.json"
@@ -140,9 +140,7 @@ def test_zero_initialised_proxy_and_shift_projections_change_nothing():
                        **SMALL["PT-DiT"][1])
     missing, unexpected = bare.load_state_dict(full.state_dict(), strict=False)
     assert not missing and unexpected  # bare lacks exactly the branch weights
-    x = torch.randn(2, 4, 32, 32, dtype=torch.float64)
-    t = torch.rand(2, dtype=torch.float64) * 1000
-    cond = condition(full, 2)
+    x, t, *cond = forward_inputs(full, (2, 4, 32, 32))
     with torch.no_grad():
         assert torch.equal(full(x, t, *cond), bare(x, t, *cond))
         randomize(full.blocks[0].shift_out)  # and the branch does act once trained
@@ -161,9 +159,7 @@ def test_new_ptdit_has_identity_branches_at_init():
 @pytest.mark.parametrize("family", ["DiT", "PixArt", "PT-DiT"])
 def test_math_backend_matches_sdpa_in_whole_models(family):
     model = small_model(family)
-    x = torch.randn(2, 4, 16, 16, dtype=torch.float64)
-    t = torch.rand(2, dtype=torch.float64) * 1000
-    cond = condition(model, 2)
+    x, t, *cond = forward_inputs(model, (2, 4, 16, 16))
     with torch.no_grad():
         ref = model(x, t, *cond)
         set_backend(model, "math")
@@ -398,9 +394,7 @@ def test_per_shape_tables_are_never_stale(family):
             model.to(dtype)
             fresh = small_model(family, dtype=dtype)
             fresh.load_state_dict(model.state_dict())
-            x = torch.randn(*shape, dtype=dtype)
-            t = torch.rand(shape[0], dtype=dtype) * 1000
-            cond = condition(model, shape[0], dtype=dtype)
+            x, t, *cond = forward_inputs(model, shape, dtype)
             assert torch.equal(model(x, t, *cond), fresh(x, t, *cond))
 
 
@@ -408,9 +402,7 @@ def test_per_shape_tables_are_never_stale(family):
 def test_training_after_inference_mode_validation(family):
     """Tables cached while validating under torch.inference_mode() serve training afterwards."""
     model = small_model(family)
-    x = torch.randn(2, 4, 16, 16, dtype=torch.float64)
-    t = torch.rand(2, dtype=torch.float64) * 1000
-    cond = condition(model, 2)
+    x, t, *cond = forward_inputs(model, (2, 4, 16, 16))
     with torch.inference_mode():
         model(x, t, *cond)
     model.train()
@@ -450,9 +442,7 @@ def test_window_attention_runs_as_fused_sdpa_over_window_rows():
 @pytest.mark.parametrize("family", ["DiT", "PixArt", "PT-DiT", "PT-DiT-class"])
 def test_batch_and_condition_mismatches(family):
     model = small_model(family)
-    x = torch.randn(2, 4, 16, 16, dtype=torch.float64)
-    t = torch.rand(2, dtype=torch.float64)
-    cond = condition(model, 2)
+    x, t, *cond = forward_inputs(model, (2, 4, 16, 16))
     with pytest.raises(ValueError, match=r"timesteps must have shape \(2,\)"):
         model(x, t[:1], *cond)
     with pytest.raises(ValueError, match=r"for a batch of 2"):
