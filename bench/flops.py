@@ -25,12 +25,8 @@ The counted model is built on `meta` in the row's dtype, with the forward inputs
 """
 
 import functools
-import platform
-import subprocess
-from pathlib import Path
 import warnings
-from collections.abc import Iterable, Iterator
-from datetime import datetime, timezone
+from collections.abc import Collection, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -43,42 +39,21 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ptdit
-from ptdit import complexity
-from ptdit.attention import BACKENDS, set_backend
-from ptdit.models.inputs import VAE_SPATIAL, LatentShape
+from ptdit import Workload, complexity, example_inputs
+from ptdit.attention import check_backend, set_backend
+from ptdit.checks import dtype_name
+from ptdit.workload import DEFAULT_TEXT_TOKENS
+
+from .rows import device_label, provenance
 
 COUNTERS = ("analytic", "torch", "fvcore")
-SCHEMA_VERSION = 1
 MAC_OPS = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm,
            torch.ops.aten.baddbmm, torch.ops.aten.convolution)
 
 
 #################################################################################
-#                        Inputs and module categories                           #
+#                               Module categories                               #
 #################################################################################
-
-def example_inputs(model: nn.Module, shape: LatentShape, text_tokens: int,
-                   device: str | torch.device = "meta") -> tuple[Tensor | None, ...]:
-    """Fresh random positional forward inputs for `model` (empty tensors on meta), latents and
-    captions in the model's dtype: latents (B, C, H, W) or (B, C, F, H, W), timesteps (B,), and
-    captions (B, L, caption_channels) or labels (B,); for a micro-conditioned PixArt also
-    text_mask None, resolution (B, 2) in pixels and aspect_ratio (B, 1) = height / width."""
-    config, B = model.config, shape.batch
-    dtype = next(model.parameters()).dtype
-    dims = (B, shape.channels) + ((shape.frames,) if shape.video else ())
-    x = torch.randn(*dims, shape.height, shape.width, device=device, dtype=dtype)
-    t = torch.randint(0, 1000, (B,), device=device).float()
-    if complexity.is_text_conditioned(config):
-        cond = torch.randn(B, text_tokens, config.caption_channels, device=device, dtype=dtype)
-    else:
-        cond = torch.randint(0, config.num_classes, (B,), device=device)
-    if not complexity.is_micro_conditioned(config):
-        return x, t, cond
-    pixels = [shape.height * VAE_SPATIAL, shape.width * VAE_SPATIAL]
-    resolution = torch.tensor([pixels] * B, device=device, dtype=torch.float32)
-    aspect_ratio = torch.full((B, 1), shape.height / shape.width, device=device)
-    return x, t, cond, None, resolution, aspect_ratio
-
 
 def category_of(name: str, module: nn.Module, parent: nn.Module | None) -> str:
     """The cost category of a module's *own* MACs (children excluded), by where it sits:
@@ -145,13 +120,13 @@ class _MacOutputs(TorchDispatchMode):
         return out
 
 
-def count_torch(model: nn.Module, inputs: tuple) -> tuple[dict[str, int], int]:
+def count_torch(model: nn.Module, inputs: dict) -> tuple[dict[str, int], int]:
     """(MACs per category, MAC-op output elements) by FlopCounterMode; any device."""
     mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
     counter = FlopCounterMode(display=False, custom_mapping=mapping)
     outputs = _MacOutputs()
     with torch.no_grad(), counter, outputs:
-        model(*inputs)
+        model(**inputs)
     root = type(model).__name__
     inclusive = {}
     for name, per_op in counter.get_flop_counts().items():
@@ -215,7 +190,7 @@ def _convs_as_linear(model: nn.Module) -> nn.Module:
     return model
 
 
-def count_fvcore(model: nn.Module, inputs: tuple) -> dict[str, int]:
+def count_fvcore(model: nn.Module, inputs: dict) -> dict[str, int]:
     """MACs per category by fvcore's FlopCountAnalysis (JIT trace); any device. On meta the
     model's Conv2d layers are swapped for Conv2dAsLinear first (in place)."""
     if any(p.is_meta for p in model.parameters()):
@@ -224,7 +199,8 @@ def count_fvcore(model: nn.Module, inputs: tuple) -> dict[str, int]:
         warnings.simplefilter("ignore")
         from fvcore.nn import FlopCountAnalysis
 
-        analysis = FlopCountAnalysis(model, inputs)
+        # traced with positional inputs: example_inputs keeps the forward's argument order
+        analysis = FlopCountAnalysis(model, tuple(inputs.values()))
         analysis.set_op_handle(**_fvcore_handles())
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         analysis.tracer_warnings("none")
@@ -237,35 +213,7 @@ def count_fvcore(model: nn.Module, inputs: tuple) -> dict[str, int]:
 #                                  Rows                                         #
 #################################################################################
 
-@functools.cache
-def _git_sha() -> str:
-    """The commit of this code (not of the working directory), '+dirty' with local changes;
-    'unknown' outside a git checkout (e.g. an installed wheel)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
-                              check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
-    try:
-        sha = git("rev-parse", "--short=12", "HEAD")
-        return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def environment(device: str, backend: str, dtype: str = "float32") -> dict:
-    """DESIGN.md's provenance fields of a row."""
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "git_sha": _git_sha(),
-        "time_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "host": platform.node(),
-        "device": device,
-        "torch": torch.__version__,
-        "dtype": dtype,
-        "backend": backend,
-    }
-
-
-def count(work: complexity.Workload, counter: str, backend: str = "sdpa",
+def count(work: Workload, counter: str, backend: str = "sdpa",
           dtype: str | torch.dtype = "float32") -> dict:
     """One row for a validated workload: the counter's MACs per category, in every convention.
 
@@ -277,17 +225,17 @@ def count(work: complexity.Workload, counter: str, backend: str = "sdpa",
     which no fused kernel stores. A failed count is a row whose `status` says why (`error: …`)."""
     if counter not in COUNTERS:
         raise ValueError(f"unknown counter {counter!r}; allowed: {', '.join(COUNTERS)}")
-    dtype = complexity.dtype_name(dtype)
-    row = {**complexity.describe_workload(work), "counter": counter}
+    dtype = dtype_name(dtype)
+    row = {**work.describe(), "counter": counter}
     if counter == "analytic":
-        env = environment("none (closed form)", "any", dtype)
+        env = provenance("none (closed form)", "any", dtype)
         return {**env, **row, **complexity.closed_form(work, dtype), "status": "ok"}
-    env = environment("meta (shapes only)", backend, dtype)
+    env = provenance(device_label("meta"), backend, dtype)
     try:
-        model = ptdit.build(work.name, device="meta", dtype=getattr(torch, dtype),
-                            **work.overrides)
+        model = ptdit.build(work.config, device="meta", dtype=dtype)
+        model.name = work.name
         set_backend(model, backend)
-        inputs = example_inputs(model, work.shape, work.text_tokens)
+        inputs = example_inputs(model, work)
         params = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         act = None
@@ -307,23 +255,39 @@ def count(work: complexity.Workload, counter: str, backend: str = "sdpa",
     return {**env, **row}
 
 
-def sweep(models: Iterable[str], resolutions: Iterable[int],
-          frames: Iterable[int | None] = (None,), batch: int = 1,
-          text_tokens: int = complexity.DEFAULT_TEXT_TOKENS,
-          counters: Iterable[str] = ("analytic",), backend: str = "sdpa",
-          dtype: str | torch.dtype = "float32", **overrides) -> Iterator[dict]:
-    """Rows for every model × resolution × frames × counter; frames are latent frames (None: an
-    image). Every request is validated (a ValueError raised) before the first count starts."""
-    dtype = complexity.dtype_name(dtype)
-    counters = list(counters)
+KEY = ("model", "resolution", "latent_frames", "batch", "text_tokens", "window", "counter",
+       "backend", "dtype")   # the columns that name one count in a store
+
+
+def workloads(models: Iterable[str], resolutions: Iterable[int],
+              frames: Iterable[int | None] = (None,), batch: int = 1,
+              text_tokens: int = DEFAULT_TEXT_TOKENS,
+              window: tuple[int, int, int] | None = None, **overrides) -> list[Workload]:
+    """Every model × resolution × frames (latent frames; None: an image), each validated (a
+    ValueError raised) before anything is counted."""
+    return [Workload(m, r, f, batch, text_tokens, window, overrides)
+            for m in models for r in resolutions for f in frames]
+
+
+def key(work: Workload, counter: str, backend: str, dtype: str) -> tuple:
+    """The KEY values of the row `count(work, counter, backend, dtype)` gives."""
+    shape = work.describe()
+    fields = {**shape, "counter": counter, "dtype": dtype_name(dtype),
+              "backend": "any" if counter == "analytic" else backend}
+    return tuple(fields[k] for k in KEY)
+
+
+def sweep(works: Iterable[Workload], counters: Iterable[str] = ("analytic",),
+          backend: str = "sdpa", dtype: str | torch.dtype = "float32",
+          skip: Collection[tuple] = ()) -> Iterator[dict]:
+    """A row per workload × counter, as each count finishes, leaving out the cases whose `key`
+    is in `skip` (those a store already holds). Arguments are checked before the first count."""
+    counters, dtype = list(counters), dtype_name(dtype)
     for c in counters:
         if c not in COUNTERS:
             raise ValueError(f"unknown counter {c!r}; allowed: {', '.join(COUNTERS)}")
-    works = [complexity.workload(m, r, f, batch, text_tokens, **overrides)
-             for m in models for r in resolutions for f in frames]
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    check_backend(backend)
     for work in works:
         for c in counters:
-            yield count(work, c, backend, dtype)
-
+            if key(work, c, backend, dtype) not in skip:
+                yield count(work, c, backend, dtype)

@@ -7,22 +7,26 @@
     ptdit flops --model M [M ...] --resolution R [R ...] [--frames F ...] [--batch B]
                 [--text-tokens L] [--window F H W] [--counter analytic|torch|fvcore|all]
                 [--backend sdpa|math] [--dtype float32|bfloat16|float16|float64] [--format ...]
+                [--store PATH]
     ptdit reproduce [--out DIR]
 """
 
 import argparse
 import sys
 
-from ptdit.configs import DTYPES
+from ptdit.attention import BACKENDS
+from ptdit.checks import DTYPES
 
 FORMATS = ("table", "csv", "json", "markdown")
+COUNTERS = ("analytic", "torch", "fvcore")   # bench.flops.COUNTERS, not imported for --help
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from bench.catalog import describe
     from bench.report import render
-    from ptdit.configs import describe, list_models
+    from ptdit.configs import list_models
 
     df = pd.DataFrame([describe(name) for name in list_models()])
     print(render(df, args.format))
@@ -73,13 +77,23 @@ PROVENANCE = ("schema_version", "git_sha", "time_utc", "host", "torch")
 def cmd_flops(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from bench.flops import COUNTERS, sweep
+    from bench.flops import KEY, key, sweep, workloads
     from bench.report import render
 
     counters = COUNTERS if args.counter == "all" else (args.counter,)
-    overrides = {"window": tuple(args.window)} if args.window else {}
-    rows = list(sweep(args.model, args.resolution, args.frames or (None,), args.batch,
-                      args.text_tokens, counters, args.backend, args.dtype, **overrides))
+    works = workloads(args.model, args.resolution, args.frames or (None,), args.batch,
+                      args.text_tokens, tuple(args.window) if args.window else None)
+    if args.store is None:
+        rows = list(sweep(works, counters, args.backend, args.dtype))
+    else:
+        from bench.store import Store
+
+        store = Store(args.store)
+        for row in sweep(works, counters, args.backend, args.dtype, skip=store.done(KEY)):
+            store.append(row)
+        # this request's rows, those stored by earlier runs too: a resumed run shows them all
+        stored = {tuple(row.get(k) for k in KEY): row for row in store.rows()}
+        rows = [stored[key(w, c, args.backend, args.dtype)] for w in works for c in counters]
     df = pd.DataFrame(rows)
     if args.format in ("table", "markdown"):
         zero = [c for c in df.columns if c.startswith(("linear_", "attn_"))
@@ -150,15 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", nargs=3, type=int, metavar=("F", "H", "W"),
                    help="PT-DiT window in tokens (frames, rows, cols); default: the paper's "
                    "schedule, 8x8 windows per frame and 4 frames per window")
-    p.add_argument("--counter", choices=("analytic", "torch", "fvcore", "all"),
-                   default="analytic")
-    p.add_argument("--backend", choices=("sdpa", "math"), default="sdpa",
+    p.add_argument("--counter", choices=(*COUNTERS, "all"), default="analytic")
+    p.add_argument("--backend", choices=list(BACKENDS), default="sdpa",
                    help="attention backend the counted models run (default sdpa)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="element type: activation_mib and attn_scores_mib scale with its size, "
                    "MACs and params do not; torch/fvcore count the model built in it "
                    "(default float32)")
     p.add_argument("--format", choices=FORMATS, default="table")
+    p.add_argument("--store", metavar="PATH", help="JSONL results store: each row is appended "
+                   "as it finishes and the cases it already holds are not counted again; the "
+                   "table shows every case asked for, stored earlier or now")
     p.set_defaults(func=cmd_flops)
 
     p = sub.add_parser(

@@ -29,18 +29,17 @@ on it). `attn_scores_mib` is the score-matrix part, which fused SDPA never store
 import math
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from .attention import KINDS
-from .configs import (DTYPES, DiTConfig, PixArtConfig, PTDiTConfig, get_config,
-                      nearest_multiples)
-from .models.inputs import VAE_SPATIAL, LatentShape, parse_latent
+from .checks import dtype_name
+from .models import DiTConfig, PixArtConfig
+from .workload import DEFAULT_TEXT_TOKENS, Workload
 
 LINEAR_CATEGORIES = ("attn_proj", "mlp", "cond", "io")
 ATTENTION_CATEGORIES = KINDS
-DEFAULT_TEXT_TOKENS = 120   # T5 tokens of PixArt-alpha and PT-DiT (both papers' setting)
 FREQUENCY_CHANNELS = 256    # sinusoidal timestep features fed to the timestep MLP
 
 
@@ -72,80 +71,6 @@ class Table:
     trainable: bool = True
 
 
-@dataclass(frozen=True)
-class Workload:
-    """A validated forward pass: the config, its latent shape, caption tokens and PT-DiT window."""
-    name: str
-    config: object
-    shape: LatentShape
-    text_tokens: int
-    window: tuple[int, int, int] | None
-    overrides: dict = field(default_factory=dict)   # config fields changed from the named model
-
-    @property
-    def resolution(self) -> int:
-        return self.shape.height * VAE_SPATIAL
-
-
-def is_text_conditioned(config) -> bool:
-    return isinstance(config, PixArtConfig) or getattr(config, "condition", None) == "text"
-
-
-def is_micro_conditioned(config) -> bool:
-    """PixArtMS: image size and aspect ratio are embedded and added to the embedded timestep."""
-    return isinstance(config, PixArtConfig) and config.micro_condition
-
-
-def dtype_name(dtype: str | torch.dtype) -> str:
-    """The name ('float32', 'bfloat16', 'float16', 'float64') of a name or torch dtype."""
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
-    return name
-
-
-def workload(name: str, resolution: int, frames: int | None = None, batch: int = 1,
-             text_tokens: int = DEFAULT_TEXT_TOKENS, **overrides) -> Workload:
-    """Checks a request and resolves its shapes; raises ValueError with what is allowed.
-
-    resolution: square image side in pixels (latent side = resolution / 8).
-    frames: latent frames (video latents (B, C, F, H, W)); None for image latents (B, C, H, W).
-    text_tokens: caption length for text-conditioned models (ignored, reported as 0, otherwise).
-    overrides: config fields, e.g. window=(1, 8, 8) for PT-DiT.
-    """
-    config = get_config(name, **overrides)
-    for label, value in (("batch", batch), ("resolution", resolution)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{label} must be a positive integer, got {value!r}")
-    if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int)
-                               or frames < 1):
-        raise ValueError(f"latent frames must be a positive integer (or None for an image), "
-                         f"got {frames!r}")
-    if resolution % VAE_SPATIAL:
-        raise ValueError(
-            f"resolution {resolution} px is not a multiple of the VAE factor {VAE_SPATIAL}; "
-            f"allowed: multiples of {VAE_SPATIAL} px; nearest valid: "
-            f"{nearest_multiples(resolution, VAE_SPATIAL)} px")
-    side = resolution // VAE_SPATIAL
-    dims = (batch, config.in_channels) + ((frames,) if frames is not None else ()) + (side, side)
-    latent = torch.empty(dims, device="meta")
-    multiple, unit = (config.grid_multiple(frames or 1) if isinstance(config, PTDiTConfig)
-                      else ((1, 1, 1), "window"))
-    try:    # the models' own checks, so the messages are the ones a forward pass would give
-        shape = parse_latent(latent, config.in_channels, config.patch_size, multiple,
-                             latent.dtype, unit)
-    except ValueError as err:
-        raise ValueError(f"{name} at {resolution} px: {err}") from None
-    window = config.window_for(shape.grid) if isinstance(config, PTDiTConfig) else None
-    if is_text_conditioned(config):
-        if isinstance(text_tokens, bool) or not isinstance(text_tokens, int) or text_tokens < 1:
-            raise ValueError(f"text_tokens must be a positive integer for {name}, "
-                             f"got {text_tokens!r}")
-    else:
-        text_tokens = 0
-    return Workload(name, config, shape, text_tokens, window, overrides)
-
-
 #################################################################################
 #                     The layers of one forward pass, in order                  #
 #################################################################################
@@ -175,13 +100,12 @@ def layers(work: Workload) -> Iterator[Linear | Products | Table]:
     c, s = work.config, work.shape
     B, T, D, H = s.batch, s.tokens, c.hidden_size, c.num_heads
     p, L = c.patch_size, work.text_tokens
-    out_channels = c.in_channels * (2 if c.learn_sigma else 1)
-    text = is_text_conditioned(c)
+    text = c.condition == "text"
 
     yield Linear("io", B * T, c.in_channels * p * p, D)                 # patch embed (Conv2d)
     yield Linear("cond", B, FREQUENCY_CHANNELS, D)                       # timestep MLP
     yield Linear("cond", B, D, D)
-    if is_micro_conditioned(c):   # the timestep MLP at width D/3, once per scalar
+    if getattr(c, "micro_condition", False):   # PixArtMS: timestep MLPs at width D/3, per scalar
         for scalars in (2, 1):    # csize_embedder (height, width), ar_embedder (aspect ratio)
             yield Linear("cond", B * scalars, FREQUENCY_CHANNELS, D // 3)
             yield Linear("cond", B * scalars, D // 3, D // 3)
@@ -220,10 +144,10 @@ def layers(work: Workload) -> Iterator[Linear | Products | Table]:
 
     if isinstance(c, DiTConfig):
         yield Linear("io", B, D, 2 * D)                                  # final adaLN
-        yield Table((c.input_size // p) ** 2 * D, trainable=False)       # frozen pos_embed
+        yield Table(c.base_grid ** 2 * D, trainable=False)               # frozen pos_embed
     else:
         yield Table(2 * D)                                               # final table
-    yield Linear("io", B * T, D, p * p * out_channels)
+    yield Linear("io", B * T, D, p * p * c.out_channels)
 
 
 #################################################################################
@@ -283,20 +207,6 @@ def cost_columns(category_macs: dict[str, int]) -> dict[str, float]:
     return row
 
 
-def describe_workload(work: Workload) -> dict:
-    """The shape columns every row carries."""
-    s = work.shape
-    return {
-        "model": work.name,
-        "resolution": work.resolution,
-        "latent_frames": s.frames,
-        "tokens": s.tokens,
-        "batch": s.batch,
-        "text_tokens": work.text_tokens,
-        "window": "x".join(map(str, work.window)) if work.window else "",
-    }
-
-
 def closed_form(work: Workload, dtype: str | torch.dtype = "float32") -> dict:
     """The closed form's cost columns of a workload: parameters, GMACs per category and in every
     convention, and activation MiB at `dtype`'s element size."""
@@ -316,8 +226,8 @@ def closed_form(work: Workload, dtype: str | torch.dtype = "float32") -> dict:
 
 def costs(name: str, resolution: int, frames: int | None = None, batch: int = 1,
           text_tokens: int = DEFAULT_TEXT_TOKENS, dtype: str | torch.dtype = "float32",
-          **overrides) -> dict:
+          window: tuple[int, int, int] | None = None, **overrides) -> dict:
     """One row of closed-form costs: shape columns and `closed_form`'s columns (activation MiB
     at `dtype`: float32, bfloat16, float16 or float64)."""
-    work = workload(name, resolution, frames, batch, text_tokens, **overrides)
-    return {**describe_workload(work), "counter": "analytic", **closed_form(work, dtype)}
+    work = Workload(name, resolution, frames, batch, text_tokens, window, overrides)
+    return {**work.describe(), "counter": "analytic", **closed_form(work, dtype)}

@@ -25,9 +25,11 @@ class ShapeCache:
 
     def __init__(self):
         self.key, self.value = None, None
+        # Python bookkeeping: torch.compile calls it, not traces it. Wrapped per instance, when
+        # a model is built, so that importing ptdit does not import torch._dynamo (seconds).
+        self.get = torch.compiler.disable(self._get)
 
-    @torch.compiler.disable   # Python bookkeeping: torch.compile calls it, not traces it
-    def get(self, key, compute):
+    def _get(self, key, compute):
         if key != self.key:
             self.key, self.value = None, None   # free the old value before building the new
             # Built outside inference mode, so a value made during validation under

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ptdit
+from ptdit.models.inputs import VAE_SPATIAL
 
 
 def randomize(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
@@ -35,22 +36,20 @@ def small_model(family: str, dtype=torch.float64, **overrides) -> torch.nn.Modul
     return randomize(model).eval()
 
 
-def condition(model: torch.nn.Module, batch: int, text_tokens: int = 6, dtype=torch.float64):
-    """Fresh random condition for `model`: class labels or (captions, keep-mask)."""
-    cfg = model.config
-    if cfg.family == "DiT" or getattr(cfg, "condition", "text") == "class":
-        return (torch.randint(0, cfg.num_classes, (batch,)),)
-    text = torch.randn(batch, text_tokens, cfg.caption_channels, dtype=dtype)
-    mask = (torch.rand(batch, text_tokens) < 0.7).to(torch.int64)
-    mask[:, 0] = 1  # every caption keeps at least one token
-    return text, mask
+def forward_inputs(model: torch.nn.Module, shape: tuple, dtype=torch.float64,
+                   text_tokens: int = 6) -> tuple:
+    """Fresh random positional forward inputs (latents, timesteps in [0, 1000), condition…) for
+    `model` at latent `shape` (B, C, H, W) or (B, C, F, H, W): ptdit.example_inputs, whose keys
+    follow the forward's argument order."""
+    B, _, *frames, H, W = shape
+    work = ptdit.Workload(model.config, (H * VAE_SPATIAL, W * VAE_SPATIAL),
+                          frames[0] if frames else None, B, text_tokens)
+    return tuple(ptdit.example_inputs(model, work, dtype=dtype).values())
 
 
-def forward_inputs(model: torch.nn.Module, shape: tuple, dtype=torch.float64):
-    """Fresh random (latents, timesteps in 0..1000, *condition) for `model` at latent `shape`."""
-    x = torch.randn(*shape, dtype=dtype)
-    t = torch.rand(shape[0], dtype=dtype) * 1000
-    return (x, t, *condition(model, shape[0], dtype=dtype))
+def condition(model: torch.nn.Module, batch: int, dtype=torch.float64) -> tuple:
+    """Fresh random condition for `model`: (class labels,) or (captions, keep-mask)."""
+    return forward_inputs(model, (batch, model.config.in_channels, 16, 16), dtype)[2:4]
 
 
 @pytest.fixture(autouse=True)

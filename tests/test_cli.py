@@ -41,3 +41,33 @@ def test_unwritable_output_is_an_error_not_a_traceback(tmp_path, capsys):
     assert "ptdit reproduce: error: --out" in capsys.readouterr().err
     assert main(["reproduce", "--out", "/proc/ptdit-cannot-be-here"]) == 2
     assert "cannot create the output folder" in capsys.readouterr().err
+
+
+def test_cli_counter_choices_are_bench_flops_counters():
+    from bench.flops import COUNTERS
+    from ptdit import cli
+
+    assert cli.COUNTERS == COUNTERS
+
+
+def test_flops_store_appends_each_case_once_and_shows_the_whole_request(tmp_path):
+    store = tmp_path / "results" / "flops.jsonl"
+    argv = ["flops", "--model", "DiT-S/8", "--counter", "all", "--store", str(store)]
+    code, text = run(*argv, "--resolution", "256", "--format", "json")
+    rows = [json.loads(line) for line in store.read_text().splitlines()]
+    assert code == 0 and json.loads(text) == rows
+    assert [(r["counter"], r["status"]) for r in rows] == [
+        ("analytic", "ok"), ("torch", "ok"), ("fvcore", "ok")]
+    code, first = run(*argv, "--resolution", "256", "512")    # resumed: counts 512 only
+    assert code == 0 and len(store.read_text().splitlines()) == 6
+    assert first.count("DiT-S/8") == 6
+    code, again = run(*argv, "--resolution", "256", "512")    # all stored: counts nothing
+    assert code == 0 and again == first and len(store.read_text().splitlines()) == 6
+
+
+def test_flops_bad_input_exits_2_before_the_store_is_created(tmp_path, capsys):
+    folder = tmp_path / "results"
+    argv = ["flops", "--model", "PT-DiT/XXL", "--resolution", "256", "--store",
+            str(folder / "flops.jsonl")]
+    assert main(argv) == 2
+    assert "nearest: PT-DiT/XL" in capsys.readouterr().err and not folder.exists()

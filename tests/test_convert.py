@@ -11,10 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ptdit.cli import main
-from ptdit.configs import DiTConfig, PixArtConfig
+from ptdit import DiTConfig, PixArtConfig
 from ptdit.interop import FORMATS, load, save
 from ptdit.interop.official_ptdit import POS_BUFFER, ptdit_config
-from ptdit.interop.ptdit_format import architecture
 from ptdit.models import DiT, PixArt, PTDiT
 from test_interop_ptdit import SMALL, release_checkpoint
 from test_load import random_model, same_weights, tiny_registry  # noqa: F401 (fixture)
@@ -79,7 +78,7 @@ def test_ours_format_ours_is_exact(tmp_path, fmt, family):
     save(model, target(tmp_path, fmt), fmt)
     loaded = load(target(tmp_path, fmt), format="auto")
     assert type(loaded) is type(model)
-    assert architecture(loaded.config) == architecture(model.config)
+    assert loaded.config == model.config
     ours, theirs = model.state_dict(), loaded.state_dict()
     assert set(ours) == set(theirs)
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -7,7 +7,6 @@ and the single-operand einsum for fvcore). The trap tests below show each trap i
 
 import ast
 import json
-import random
 import warnings
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 import ptdit
 from bench import flops
+from ptdit import Workload, example_inputs
 from ptdit import complexity as cx
 from ptdit.attention import set_backend
 from ptdit.cli import main
@@ -30,15 +30,19 @@ def analytic(work):
     return {**macs, "other": 0}
 
 
+def workload(name, resolution, frames=None, batch=1, text_tokens=120, **overrides):
+    return Workload(name, resolution, frames, batch, text_tokens, overrides=overrides)
+
+
 def meta_model(work, backend="sdpa"):
-    model = ptdit.build(work.name, device="meta", **work.overrides).eval()
-    return set_backend(model, backend), flops.example_inputs(model, work.shape, work.text_tokens)
+    model = ptdit.build(work.config, device="meta")
+    return set_backend(model, backend), example_inputs(model, work)
 
 
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("resolution, frames", [(r, None) for r in IMAGE] + VIDEO)
 def test_torch_counter_equals_closed_form(name, resolution, frames):
-    work = cx.workload(name, resolution, frames)
+    work = workload(name, resolution, frames)
     model, inputs = meta_model(work)
     per_category, elements = flops.count_torch(model, inputs)
     assert per_category == analytic(work)
@@ -48,7 +52,7 @@ def test_torch_counter_equals_closed_form(name, resolution, frames):
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("resolution, frames", [(256, None), (1024, None)] + VIDEO)
 def test_fvcore_counter_equals_closed_form(name, resolution, frames):
-    work = cx.workload(name, resolution, frames)
+    work = workload(name, resolution, frames)
     assert flops.count_fvcore(*meta_model(work)) == analytic(work)
 
 
@@ -56,15 +60,15 @@ def test_fvcore_counter_equals_closed_form(name, resolution, frames):
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("resolution, frames", [(512, None), (2048, None), (512, 16)])
 def test_fvcore_counter_equals_closed_form_more_shapes(name, resolution, frames):
-    work = cx.workload(name, resolution, frames)
+    work = workload(name, resolution, frames)
     assert flops.count_fvcore(*meta_model(work)) == analytic(work)
 
 
 @pytest.mark.parametrize("counter", ["torch", "fvcore"])
 @pytest.mark.parametrize("name", ["PixArt-XL/2", "PT-DiT/S-Class"])
-def test_math_backend_counts_the_same(counter, name):
-    work = cx.workload(name, 512, random.choice([None, 4, 8]), batch=random.randint(1, 3),
-                       text_tokens=random.randint(1, 200))
+@pytest.mark.parametrize("frames, batch, text_tokens", [(None, 1, 1), (8, 3, 200)])
+def test_math_backend_counts_the_same(counter, name, frames, batch, text_tokens):
+    work = workload(name, 512, frames, batch=batch, text_tokens=text_tokens)
     count = {"torch": lambda m, i: flops.count_torch(m, i)[0], "fvcore": flops.count_fvcore}
     assert count[counter](*meta_model(work, "math")) == analytic(work)
 
@@ -110,7 +114,7 @@ OVERRIDES = [
 @pytest.mark.parametrize("name, resolution, frames, overrides", OVERRIDES,
                          ids=[f"{n}-{r}-{f}-{','.join(o)}" for n, r, f, o in OVERRIDES])
 def test_counters_agree_under_config_overrides(name, resolution, frames, overrides):
-    work = cx.workload(name, resolution, frames, batch=2, text_tokens=13, **overrides)
+    work = workload(name, resolution, frames, batch=2, text_tokens=13, **overrides)
     rows = counted_rows(work)
     for counter in ("torch", "fvcore"):
         assert cost_columns(rows[counter]) == cost_columns(rows["analytic"]), counter
@@ -119,7 +123,7 @@ def test_counters_agree_under_config_overrides(name, resolution, frames, overrid
 
 @pytest.mark.parametrize("dtype, size", [("bfloat16", 2), ("float16", 2), ("float64", 8)])
 def test_rows_report_the_requested_dtype(dtype, size):
-    work = cx.workload("PixArt-XL/2", 256, batch=2, depth=2, micro_condition=True)
+    work = workload("PixArt-XL/2", 256, batch=2, depth=2, micro_condition=True)
     base, rows = counted_rows(work), counted_rows(work, dtype)
     for counter, row in rows.items():
         assert row["dtype"] == dtype and base[counter]["dtype"] == "float32"
@@ -130,7 +134,7 @@ def test_rows_report_the_requested_dtype(dtype, size):
 
 
 def test_rows_carry_conventions_and_provenance():
-    work = cx.workload("PT-DiT/B", 512, 8, batch=2, text_tokens=77)
+    work = workload("PT-DiT/B", 512, 8, batch=2, text_tokens=77)
     rows = {c: flops.count(work, c) for c in flops.COUNTERS}
     for counter, row in rows.items():
         assert row["status"] == "ok" and row["counter"] == counter
@@ -165,17 +169,17 @@ def test_torch_counter_on_cpu_tensors(name, resolution, overrides, masked):
     proxy-cross, window and shifted-window attention as 4-D (B·nW, H, N, d) problems with the
     (B·nW, 1, N, N) shift mask, and text cross-attention with a caption mask. So plain
     FlopCounterMode sees the linear layers only, and no call falls back to the math path."""
-    work = cx.workload(name, resolution, batch=2, text_tokens=7, **overrides)
+    work = workload(name, resolution, batch=2, text_tokens=7, **overrides)
     model = ptdit.build(name, device="cpu", **overrides)
-    inputs = flops.example_inputs(model, work.shape, work.text_tokens, device="cpu")
+    inputs = example_inputs(model, work)
     if masked:
-        inputs = (*inputs[:3], torch.tensor([[1] * 5 + [0] * 2] * 2), *inputs[4:])
+        inputs["text_mask"] = torch.tensor([[1] * 5 + [0] * 2] * 2)
     fused = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     plain = torch.utils.flop_counter.FlopCounterMode(display=False)
     seen = torch.utils.flop_counter.FlopCounterMode(
         display=False, custom_mapping={fused: flops._sdpa_cpu_flops})
     with torch.no_grad(), plain, seen:
-        model(*inputs)
+        model(**inputs)
     expected = analytic(work)
     linear = sum(v for k, v in expected.items() if k.startswith("linear_"))
     assert plain.get_total_flops() == 2 * linear
@@ -187,12 +191,12 @@ def test_torch_counter_on_cpu_tensors(name, resolution, overrides, masked):
 def test_fvcore_without_handles_misses_sdpa_and_counts_norms():
     from fvcore.nn import FlopCountAnalysis
 
-    work = cx.workload("DiT-S/2", 256)
+    work = workload("DiT-S/2", 256)
     model, inputs = meta_model(work)
     flops._convs_as_linear(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plain = FlopCountAnalysis(model, inputs)
+        plain = FlopCountAnalysis(model, tuple(inputs.values()))
         plain.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         plain.tracer_warnings("none")
         by_op = plain.by_operator()
@@ -258,9 +262,12 @@ def test_sweep_validates_everything_before_counting(monkeypatch):
     calls = []
     monkeypatch.setattr(flops, "count", lambda *a, **k: calls.append(a))
     with pytest.raises(ValueError, match="temporal window 4"):
-        list(flops.sweep(["DiT-XL/2", "PT-DiT/XL"], [256], [6], counters=["torch"]))
+        flops.workloads(["DiT-XL/2", "PT-DiT/XL"], [256], [6])
+    works = flops.workloads(["DiT-XL/2"], [256])
     with pytest.raises(ValueError, match="unknown counter"):
-        list(flops.sweep(["DiT-XL/2"], [256], counters=["thop"]))
+        list(flops.sweep(works, counters=["torch", "thop"]))
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'; allowed: sdpa, math"):
+        list(flops.sweep(works, counters=["torch"], backend="flash"))
     assert calls == []
 
 

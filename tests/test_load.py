@@ -11,7 +11,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import ptdit
-from ptdit.configs import MODELS, DiTConfig, PixArtConfig
+from ptdit.configs import MODELS, Entry
+from ptdit.models import DiTConfig, PixArtConfig
 from ptdit.interop import FORMATS, from_official_ptdit, load, save
 from ptdit.interop.base import unwrap
 from ptdit.interop.official_ptdit import ptdit_config
@@ -193,7 +194,7 @@ def tiny_registry(monkeypatch):
                "PT-DiT/tiny": dataclasses.replace(ptdit_config(SMALL), window=None),
                "Qihoo-tiny": ptdit_config(SMALL)}
     for name, config in entries.items():
-        monkeypatch.setitem(MODELS, name, config)
+        monkeypatch.setitem(MODELS, name, Entry(config, "a test checkpoint size"))
     return entries
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ptdit
+from bench.catalog import describe
 from ptdit.attention import attention_modules, set_backend
 
 from conftest import SMALL, condition, forward_inputs, randomize, small_model
@@ -70,7 +71,7 @@ def test_qihoo_1b_matches_the_release_exactly():
 def test_ptdit_xl_within_one_percent_of_table_4_and_others_shown_beside_it():
     assert abs(n_params(ptdit.build("PT-DiT/XL", device="meta")) / 1142e6 - 1) < 0.01
     for name, ours in (("PT-DiT/B", 153.8), ("PT-DiT/L", 637.7), ("PT-DiT/H", 1890.7)):
-        row = ptdit.configs.describe(name)   # the released block at Table 4's widths
+        row = describe(name)   # the released block at Table 4's widths
         assert abs(row["params_m"] - ours) < 0.1
         assert row["params_diff_pct"] == pytest.approx(
             100 * (row["params_m"] / row["paper_params_m"] - 1), abs=0.01)
@@ -148,12 +149,11 @@ def test_zero_initialised_proxy_and_shift_projections_change_nothing():
 
 
 def test_new_ptdit_has_identity_branches_at_init():
-    model = ptdit.build("PT-DiT/B", device="meta")
+    """As released: both branch-closing projections start at zero in every block."""
+    model = ptdit.build("PT-DiT/S-Class", depth=3)
     for block in model.blocks:
-        assert block.proxy_out.weight.shape == block.shift_out.weight.shape == (640, 640)
-    cpu = ptdit.build("PT-DiT/S-Class", depth=1)
-    assert cpu.blocks[0].proxy_out.weight.abs().max() == 0
-    assert cpu.blocks[0].shift_out.bias.abs().max() == 0
+        for layer in (block.proxy_out, block.shift_out):
+            assert layer.weight.abs().max() == 0 and layer.bias.abs().max() == 0
 
 
 @pytest.mark.parametrize("family", ["DiT", "PixArt", "PT-DiT"])
@@ -320,6 +320,23 @@ def test_empty_and_odd_inputs(family):
     ("PT-DiT/XL", dict(temporal_window=0), r"temporal_window must be a positive integer"),
     ("PT-DiT/XL", dict(window=(True, 2, 2)), r"window must be three positive ints"),
     ("PT-DiT/XL", dict(condition="image"), r"condition must be 'text' or 'class'"),
+    # configs that used to build and give all-NaN outputs, zero-width layers or raw errors
+    ("DiT-S/2", dict(norm_eps=float("nan")), r"norm_eps must be a positive number \(finite\)"),
+    ("PixArt-XL/2", dict(pos_interp_scale=float("nan")), r"pos_interp_scale must be a positive"),
+    ("PT-DiT/XL", dict(pos_interp_scale=float("inf")), r"pos_interp_scale must be a positive"),
+    ("DiT-S/2", dict(freq_shift=128), r"freq_shift must be 0 or 1, got 128"),
+    ("DiT-S/2", dict(mlp_ratio=0.001), r"mlp_ratio 0.001 gives an MLP of .* = 0 units; allowed: "
+                                       r"mlp_ratio >= 0.0026"),
+    ("DiT-S/2", dict(mlp_ratio=float("inf")), r"mlp_ratio must be a positive number"),
+    ("DiT-S/2", dict(class_dropout_prob=float("nan")), r"class_dropout_prob must be a probab"),
+    ("PT-DiT/XL", dict(window=4), r"window must be three positive ints .*got 4"),
+    ("PT-DiT/XL", dict(window="1x8x8"), r"window must be three positive ints"),
+    ("DiT-S/2", dict(learn_sigma="no"), r"learn_sigma must be True or False, got 'no'"),
+    ("PT-DiT/XL", dict(giim=1), r"giim must be True or False, got 1"),
+    ("PixArt-XL/2", dict(micro_condition="yes"), r"micro_condition must be True or False"),
+    # a hint satisfies every rule at once: multiples of lcm(7 heads, 16)
+    ("PT-DiT/XL", dict(num_heads=7), r"width 1152 is not divisible by 7 heads; allowed: "
+                                     r"multiples of 112 .*nearest valid: 1120 or 1232"),
 ])
 def test_bad_configurations(name, override, match):
     with pytest.raises(ValueError, match=match):
@@ -457,7 +474,8 @@ def test_batch_and_condition_mismatches(family):
             model(x, t, cond[0].float(), cond[1])
         with torch.no_grad():   # PixArt's (B, 1, L, C) caption layout is accepted too
             assert torch.equal(model(x, t, cond[0][:, None], cond[1]), model(x, t, *cond))
-        with pytest.raises(ValueError, match=r"text mask must have shape \(2, 6\)"):
+        with pytest.raises(ValueError, match=r"text mask must be a torch tensor of shape "
+                                             r"\(2, 6\)"):
             model(x, t, cond[0], cond[1][:, :5])
         with pytest.raises(ValueError, match=r"caption features must have shape \(2, L, 24\)"):
             model(x, t, cond[0][..., :20], cond[1])

@@ -33,14 +33,15 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ..configs import MODELS, DiTConfig
+from ..configs import MODELS
+from ..models import DiTConfig
 from ..layers import position_table
 from .base import (EXTRA_KEY, Format, StateDict, changed_fields, extra_fields, named_fields,
                    unwrap)
 from .ptdit_format import typed_config
 
-DIT_HEADS = {(c.depth, c.hidden_size): c.num_heads for c in MODELS.values()
-             if isinstance(c, DiTConfig)}   # (depth, width) -> heads of the named DiTs
+DIT_HEADS = {(e.config.depth, e.config.hidden_size): e.config.num_heads for e in MODELS.values()
+             if isinstance(e.config, DiTConfig)}   # (depth, width) -> heads of the named DiTs
 
 
 def require(state_dict: Mapping[str, Tensor], expected: set[str], what: str,

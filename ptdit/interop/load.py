@@ -23,8 +23,8 @@ from .base import EXTRA_KEY, WRAPPERS, Format, StateDict, unwrap
 from .dit import DIFFUSERS_DIT, FACEBOOK_DIT
 from .official_ptdit import OFFICIAL_PTDIT
 from .pixart import DIFFUSERS_PIXART, OFFICIAL_PIXART
-from .ptdit_format import (CONFIG_CLASSES, PTDIT, RESOLUTION_FIELDS, instantiate, layers,
-                           metadata, read_metadata, registry_name)
+from .ptdit_format import (CONFIG_CLASSES, PTDIT, RESOLUTION_FIELDS, check_floating,
+                           instantiate, layers, metadata, read_metadata, registry_name)
 
 FORMATS: dict[str, Format] = {f.name: f for f in (FACEBOOK_DIT, DIFFUSERS_DIT, OFFICIAL_PIXART,
                                                   DIFFUSERS_PIXART, OFFICIAL_PTDIT, PTDIT)}
@@ -44,9 +44,20 @@ TARGETS = {
 #                                  Reading                                      #
 #################################################################################
 
+READABLE = (f"a PyTorch checkpoint ({', '.join(TORCH_SUFFIXES)}), a safetensors file or a "
+            f"diffusers folder")
+
+
 def _damaged(path: Path, kind: str, err: Exception) -> ValueError:
     return ValueError(f"{path}: not a readable {kind} ({path.stat().st_size} bytes: truncated, "
-                      f"partly downloaded or not {kind} at all): {type(err).__name__}: {err}")
+                      f"partly downloaded or not a {kind} at all): {type(err).__name__}: {err}; "
+                      f"allowed: {READABLE}")
+
+
+def _path(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)) or str(path) == "":
+        raise ValueError(f"a checkpoint path is needed ({READABLE}), got {path!r}")
+    return Path(path)
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -71,7 +82,7 @@ def _read_torch(path: Path) -> StateDict:
             raise ValueError(f"{path}: holds objects other than tensors, which a weights-only "
                              f"load refuses ({err})") from None
         raise _damaged(path, "torch checkpoint", err) from None
-    except (RuntimeError, EOFError, OSError) as err:
+    except Exception as err:   # unpickling other bytes fails anyhow: KeyError, IndexError, ...
         raise _damaged(path, "torch checkpoint", err) from None
     if isinstance(obj, Mapping):
         obj = unwrap(obj)
@@ -150,15 +161,17 @@ def read_checkpoint(path: str | Path, config: dict | None = None) -> tuple[State
     config.json, updated with `config`; for a ptdit-format file, its metadata (which says all;
     `config` is refused); for another file, the sidecar JSON beside it updated with `config`,
     else `config`, else None."""
-    path = Path(path)
+    path = _path(path)
     if config is not None and not isinstance(config, Mapping):
         raise ValueError(f"config must be a dict, got {type(config).__name__}")
     if not path.exists():
         raise ValueError(f"checkpoint {path} does not exist")
     if path.is_dir():
         state_dict, found = _read_diffusers(path)
+        check_floating(state_dict, str(path))
         return state_dict, found | dict(config or {})
     state_dict, found = _read_weights(path)
+    check_floating(state_dict, str(path))
     if found is not None:
         if config:
             raise ValueError(f"{path} is a ptdit-format file, whose metadata holds its config; "
@@ -262,7 +275,7 @@ def load(path_or_dir: str | Path, name: str | None = None, format: str = "auto",
     named = None if name is None else get_config(name)   # ValueError with the nearest names
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; allowed: auto, {', '.join(FORMATS)}")
-    path = Path(path_or_dir)
+    path = _path(path_or_dir)
     state_dict, found = read_checkpoint(path, config)
     fmt = detect_format(state_dict, found, str(path)) if format == "auto" else FORMATS[format]
     if path.is_dir():
@@ -351,6 +364,14 @@ def _tensors(state_dict: Mapping[str, Tensor]) -> StateDict:
     return {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
 
 
+def _save_file(tensors: StateDict, path: Path, meta: dict | None = None) -> None:
+    """safetensors' save_file, which writes a private (0600) file, then the mode open() gives."""
+    save_file(tensors, str(path), metadata=meta)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save(model: nn.Module, path: str | Path, format: str = "ptdit",
          force: bool = False) -> list[Path]:
     """Writes `model` in `format` as safetensors; returns the paths written.
@@ -399,11 +420,11 @@ def save(model: nn.Module, path: str | Path, format: str = "ptdit",
         if folder:
             path.mkdir(exist_ok=True)
             paths[0].write_text(json.dumps(config, indent=2) + "\n")
-            save_file(tensors, str(paths[1]))
+            _save_file(tensors, paths[1])
         elif fmt is PTDIT:
-            save_file(tensors, str(path), metadata=metadata(config, registry_name(model.config)))
+            _save_file(tensors, path, metadata(config, registry_name(model.config)))
         else:
-            save_file(tensors, str(path))
+            _save_file(tensors, path)
             if config is not None:
                 paths[1].write_text(json.dumps(config, indent=2) + "\n")
     except (OSError, SafetensorError) as err:

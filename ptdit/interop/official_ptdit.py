@@ -32,9 +32,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..configs import PTDiTConfig
 from ..layers import position_table
-from ..models import PTDiT
+from ..models import PTDiT, PTDiTConfig
 from .base import EXTRA_KEY, Format, StateDict, changed_fields, extra_fields
 from .ptdit_format import instantiate, typed_config
 
@@ -141,8 +140,7 @@ def ptdit_config(predictor: Mapping) -> PTDiTConfig:
         patch_size=int(predictor["patch_size"]), in_channels=C, learn_sigma=out == 2 * C,
         condition="text", caption_channels=int(predictor["caption_channels"]), window=window,
         shift_window=bool(predictor["shift_window"]),
-        pos_interp_scale=float(max(sample_size // 64, 1)),
-        source="official PT-DiT release (MindSpeed-MM PTDiTDiffuser)")
+        pos_interp_scale=float(max(sample_size // 64, 1)))
     return typed_config(PTDiTConfig, {**dataclasses.asdict(config), **extra},
                         f"official PT-DiT config ({EXTRA_KEY})")
 

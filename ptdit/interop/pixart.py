@@ -31,14 +31,15 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ..configs import MODELS, PixArtConfig
+from ..configs import MODELS
+from ..models import PixArtConfig
 from ..layers import position_table
 from .base import EXTRA_KEY, Format, StateDict, changed_fields, extra_fields, unwrap
 from .dit import (block_count, checked_config, diffusers_config, fuse, heads_for, mlp_ratio_for,
                   pop_linear, require, split_qkv)
 
-PIXART_HEADS = {(c.depth, c.hidden_size): c.num_heads for c in MODELS.values()
-                if isinstance(c, PixArtConfig)}
+PIXART_HEADS = {(e.config.depth, e.config.hidden_size): e.config.num_heads
+                for e in MODELS.values() if isinstance(e.config, PixArtConfig)}
 
 # The released PixArt-α checkpoints. input_size: latent side (pixels / 8); pos_interp_scale:
 # the `lewei_scale` the official inference scripts use per image size, {256: 1, 512: 1,

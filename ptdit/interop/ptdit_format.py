@@ -15,12 +15,12 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..configs import (DiTConfig, PixArtConfig, PTDiTConfig, check_fields, get_config,
-                       list_models, model_class, model_dtype)
+from ..checks import check_fields, model_dtype
+from ..configs import CONFIG_CLASSES, get_config, list_models, model_class
 from .base import Format, StateDict
 
-CONFIG_CLASSES = {"DiT": DiTConfig, "PixArt": PixArtConfig, "PT-DiT": PTDiTConfig}
-PROVENANCE_FIELDS = ("source", "paper_params_m")  # describe a config, not the architecture
+# Provenance that files written before it moved to the registry carry among the fields.
+LEGACY_FIELDS = ("source", "paper_params_m")
 # The configured latent size and its position interpolation: they set the stored position
 # table (DiT) or the positions' scale, not the layers; a registry name stands for any of them
 # (DiT-XL/2 at 256 and at 512 px).
@@ -64,18 +64,14 @@ def config_from_dict(family: str, fields: Mapping) -> object:
     if not isinstance(fields, Mapping):
         raise ValueError(f"a {family} config must be a JSON object of its fields, got "
                          f"{type(fields).__name__} {fields!r:.80}")
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()
+              if k not in LEGACY_FIELDS}
     return typed_config(CONFIG_CLASSES[family], fields, f"{family} config")
 
 
-def architecture(config) -> dict:
-    """The config's fields that shape the network (everything but provenance)."""
-    return {k: v for k, v in config_to_dict(config).items() if k not in PROVENANCE_FIELDS}
-
-
 def layers(config) -> dict:
-    """The architecture without RESOLUTION_FIELDS: what a registry name stands for."""
-    return {k: v for k, v in architecture(config).items() if k not in RESOLUTION_FIELDS}
+    """The config's fields without RESOLUTION_FIELDS: what a registry name stands for."""
+    return {k: v for k, v in config_to_dict(config).items() if k not in RESOLUTION_FIELDS}
 
 
 def registry_name(config) -> str | None:
@@ -86,6 +82,17 @@ def registry_name(config) -> str | None:
         if type(named) is type(config) and layers(named) == layers(config):
             return name
     return None
+
+
+def check_floating(state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
+    """ValueError naming the first tensor that is not floating-point (an int32 weight, ...):
+    every weight of every supported format is."""
+    other = [k for k in sorted(state_dict) if not state_dict[k].is_floating_point()]
+    if other:
+        k, more = other[0], f" (and {len(other) - 1} more)" if len(other) > 1 else ""
+        raise ValueError(f"{source}: weight {k}{more} is "
+                         f"{str(state_dict[k].dtype).removeprefix('torch.')}; checkpoints hold "
+                         "floating-point weights (float32, bfloat16, float16, float64)")
 
 
 def checkpoint_dtype(state_dict: Mapping[str, Tensor]) -> torch.dtype:
@@ -129,6 +136,7 @@ def instantiate(config, state_dict: StateDict, dtype: torch.dtype | None = None,
                   if state_dict[k].shape != expected[k].shape]
     if missing or unexpected or mismatched:
         raise ValueError(_describe_mismatch(missing, unexpected, mismatched, source))
+    check_floating(state_dict, source)
     dtype = dtype or checkpoint_dtype(state_dict)
     state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)

@@ -1,7 +1,7 @@
-"""The three architectures, one file each: DiT, PixArt-alpha, PT-DiT."""
+"""The three architectures, one file each (config dataclass on top): DiT, PixArt-alpha, PT-DiT."""
 
-from .dit import DiT
-from .pixart import PixArt
-from .ptdit import PTDiT
+from .dit import DiT, DiTConfig
+from .pixart import PixArt, PixArtConfig
+from .ptdit import PTDiT, PTDiTConfig
 
-__all__ = ["DiT", "PixArt", "PTDiT"]
+__all__ = ["DiT", "DiTConfig", "PixArt", "PixArtConfig", "PTDiT", "PTDiTConfig"]

@@ -10,14 +10,60 @@ Video latents (B, C, F, H, W) run as full spatio-temporal attention over all F·
 3-D sin-cos table (ptdit.layers.sincos_3d): the full-3D-attention baseline of video DiTs.
 """
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
+from .. import checks
 from ..attention import Attention
-from ..configs import DiTConfig
 from ..layers import (LabelEmbedder, Mlp, PatchEmbed, ShapeCache, TimestepEmbedder, modulate,
                       position_table, unpatchify)
 from .inputs import LatentShape, check_labels, check_timesteps, parse_latent
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiTConfig:
+    depth: int
+    hidden_size: int
+    num_heads: int
+    patch_size: int
+    input_size: int = 32            # latent side of the configured image (256 px / 8)
+    in_channels: int = 4
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    # eps of each block's MLP-branch LayerNorm (norm2): the one LayerNorm diffusers' DiT
+    # `norm_eps` sets (default 1e-5 there); norm1 and the final norm are 1e-6 in both codes.
+    norm_eps: float = 1e-6
+    # Timestep frequencies max_period^(-i/(128 - freq_shift)): 0 in the official DiT, 1 in
+    # diffusers' DiTTransformer2DModel (downscale_freq_shift=1, hard-coded there).
+    freq_shift: int = 0
+
+    family: ClassVar[str] = "DiT"
+    condition: ClassVar[str] = "class"
+
+    def __post_init__(self):
+        checks.check_sizes(self, 4)
+        checks.positive(self, "num_classes")
+        checks.positive(self, "norm_eps", number=True)
+        checks.one_of(self, "freq_shift", (0, 1))
+        checks.latent_size(self)
+
+    @property
+    def out_channels(self) -> int:
+        """Noise, and with learned sigma the variance too."""
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def base_grid(self) -> int:
+        """Token side of the configured image, the grid the stored positions are built on."""
+        return self.input_size // self.patch_size
+
+    def attention_layout(self) -> str:
+        return "global self-attention"
 
 
 #################################################################################
@@ -66,13 +112,13 @@ class DiT(nn.Module):
         self.config = config
         D = config.hidden_size
         self.in_channels = config.in_channels
-        self.out_channels = config.in_channels * 2 if config.learn_sigma else config.in_channels
+        self.out_channels = config.out_channels
         self.patch_size = config.patch_size
 
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
         self.t_embedder = TimestepEmbedder(D, freq_shift=config.freq_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
-        grid = config.input_size // config.patch_size
+        grid = config.base_grid
         # Frozen table for the configured image size, a parameter as in the official code (so
         # checkpoints load unchanged and it counts in parameters()); other shapes compute theirs.
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, D), requires_grad=False)
@@ -93,7 +139,7 @@ class DiT(nn.Module):
         self.apply(_basic_init)
 
         # Initialize (and freeze) pos_embed by sin-cos embedding:
-        grid = self.config.input_size // self.patch_size
+        grid = self.config.base_grid
         table = position_table(self.config.hidden_size, None, grid, grid)
         self.pos_embed.data.copy_(table[None].to(self.pos_embed.dtype))
 
@@ -125,7 +171,7 @@ class DiT(nn.Module):
         coordinates interpolated to the configured grid, as diffusers' DiT does (the official
         code supports the configured size only)."""
         F, h, w = shape.grid
-        base = self.config.input_size // self.patch_size
+        base = self.config.base_grid
         if not shape.video and h == w == base:
             return self.pos_embed
         like = self.pos_embed
@@ -157,6 +203,9 @@ class DiT(nn.Module):
     def forward_with_cfg(self, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float) -> Tensor:
         """Forward pass with classifier-free guidance; x and y hold the conditional half first,
         then the unconditional (null-class) half, as in the official sampler."""
+        if len(x) % 2:
+            raise ValueError("forward_with_cfg takes the conditional half then the null-class "
+                             f"half: an even batch, got {len(x)}")
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
         model_out = self.forward(combined, t, y)

@@ -13,14 +13,66 @@ timesteps (`csize_embedder`, `ar_embedder`, D/3 per scalar) and added to the emb
 Video latents (B, C, F, H, W) get full spatio-temporal attention and 3-D positions.
 """
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
+from .. import checks
 from ..attention import Attention, CrossAttention, text_bias
-from ..configs import PixArtConfig
 from ..layers import (CaptionEmbedder, Mlp, PatchEmbed, ShapeCache, SizeEmbedder,
                       T2IFinalLayer, TimestepEmbedder, modulate, position_table, unpatchify)
 from .inputs import check_text, check_timesteps, parse_latent
+
+
+@dataclass(frozen=True, kw_only=True)
+class PixArtConfig:
+    depth: int = 28
+    hidden_size: int = 1152
+    num_heads: int = 16
+    patch_size: int = 2
+    input_size: int = 32            # latent side the positions are defined on (base_size·p)
+    in_channels: int = 4
+    mlp_ratio: float = 4.0
+    caption_channels: int = 4096    # T5-XXL
+    model_max_length: int = 120     # T5 tokens; also the length of the learned null caption
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    pos_interp_scale: float = 1.0   # PixArt's lewei_scale / diffusers' interpolation_scale
+    norm_eps: float = 1e-6          # eps of the blocks' LayerNorms (diffusers' `norm_eps`)
+    # PixArtMS micro-conditioning (the 1024-MS release): `csize_embedder` and `ar_embedder`
+    # embed the image size (height, width) and aspect ratio, D/3 per scalar, added to t.
+    micro_condition: bool = False
+    null_caption: bool = True       # learned null caption `y_embedding` (diffusers drops it)
+
+    family: ClassVar[str] = "PixArt"
+    condition: ClassVar[str] = "text"
+
+    def __post_init__(self):
+        checks.check_sizes(self, 4)
+        checks.positive(self, "caption_channels", "model_max_length")
+        checks.positive(self, "norm_eps", "pos_interp_scale", number=True)
+        checks.flags(self, "micro_condition", "null_caption")
+        checks.latent_size(self)
+        if self.micro_condition and self.hidden_size % 3:
+            near = checks.nearest_multiples(self.hidden_size, 3, self.num_heads, 4)
+            raise ValueError(
+                f"micro_condition needs a width divisible by 3 (size and aspect-ratio embedders "
+                f"are D/3 wide each), got {self.hidden_size}; nearest valid: "
+                f"{checks.either(near)}")
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def base_grid(self) -> int:
+        """Token side the positions are interpolated to (PixArt's base_size)."""
+        return self.input_size // self.patch_size
+
+    def attention_layout(self) -> str:
+        return "global self-attention + text cross-attention"
 
 
 #################################################################################
@@ -59,9 +111,8 @@ class PixArt(nn.Module):
         self.config = config
         D = config.hidden_size
         self.in_channels = config.in_channels
-        self.out_channels = config.in_channels * 2 if config.learn_sigma else config.in_channels
+        self.out_channels = config.out_channels
         self.patch_size = config.patch_size
-        self.base_size = config.input_size // config.patch_size
 
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
         self.t_embedder = TimestepEmbedder(D)
@@ -119,8 +170,8 @@ class PixArt(nn.Module):
         key = (grid, video, like.device, like.dtype)
         return self._per_shape.get(key, lambda: position_table(
             self.config.hidden_size, F if video else None, h, w,
-            scale=self.config.pos_interp_scale, base_size=self.base_size, device=like.device,
-            dtype=like.dtype)[None])
+            scale=self.config.pos_interp_scale, base_size=self.config.base_grid,
+            device=like.device, dtype=like.dtype)[None])
 
     def size_condition(self, resolution: Tensor | None, aspect_ratio: Tensor | None,
                        batch: int) -> Tensor | None:

@@ -22,38 +22,107 @@ cross-attention: its label embedding is added to the embedded timestep before th
 projection, as DiT adds c = t + y.
 """
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from ..attention import (Attention, CrossAttention, proxy_tokens, shift_permutation,
-                         shift_window_bias, text_bias, window_count, window_partition,
-                         window_reverse)
-from ..configs import PTDiTConfig
+from .. import checks
+from ..attention import (Attention, CrossAttention, Windows, proxy_tokens, shift_permutation,
+                         shift_window_bias, text_bias, window_partition, window_reverse)
 from ..layers import (CaptionEmbedder, LabelEmbedder, Mlp, PatchEmbed, ShapeCache,
                       T2IFinalLayer, TimestepEmbedder, compute_dtype, modulate, position_table,
                       unpatchify)
 from .inputs import check_labels, check_text, check_timesteps, parse_latent
 
 
+@dataclass(frozen=True, kw_only=True)
+class PTDiTConfig:
+    depth: int
+    hidden_size: int
+    num_heads: int
+    patch_size: int = 2
+    in_channels: int = 4
+    mlp_ratio: float = 4.0
+    learn_sigma: bool = True
+    condition: str = "text"         # "text": T5 cross-attention; "class": label added to t
+    caption_channels: int = 4096
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    # Window = proxy pooling window, in tokens (frames, rows, cols). None follows the paper's
+    # schedule: `windows_per_side`² windows over the token grid, `temporal_window` latent frames.
+    window: tuple[int, int, int] | None = None
+    windows_per_side: int = 8
+    temporal_window: int = 4
+    proxies_per_window: int = 1
+    giim: bool = True               # proxy self-attention + proxy→token cross-attention
+    shift_window: bool = True
+    pos_interp_scale: float = 1.0
+
+    family: ClassVar[str] = "PT-DiT"
+
+    def __post_init__(self):
+        checks.check_sizes(self, 16)   # 3-D positions: D/4 temporal, 3D/8 per spatial axis
+        checks.positive(self, "caption_channels", "num_classes", "windows_per_side",
+                        "temporal_window")
+        checks.positive(self, "pos_interp_scale", number=True)
+        checks.flags(self, "giim", "shift_window")
+        checks.one_of(self, "condition", ("text", "class"))
+        if self.proxies_per_window != 1:
+            raise ValueError(
+                f"proxies_per_window={self.proxies_per_window!r} is not supported: PT-DiT uses "
+                "one proxy (the window mean) per window; the release's strided several-proxy "
+                "variant (proxy_compress_ratios < compress_ratios) is not part of the paper. "
+                "Allowed: 1")
+        if self.window is not None:
+            object.__setattr__(self, "window", checks.window(self.window))
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    def attention_layout(self) -> str:
+        if self.window is not None:
+            window = "window {}x{}x{}".format(*self.window)
+        else:
+            n = self.windows_per_side
+            window = f"{n}x{n} windows/frame, {self.temporal_window} frames/window"
+        parts = ["proxy self", "proxy->token cross"] if self.giim else []
+        parts += ["window"] + (["shifted window"] if self.shift_window else [])
+        parts += ["text cross"] if self.condition == "text" else []
+        return " + ".join(parts) + f" ({window})"
+
+    def grid_multiple(self, frames: int) -> tuple[tuple[int, int, int], str]:
+        """What a token grid of `frames` frames must be a multiple of (frames, rows, cols), and
+        what that is ("window", or the schedule's "windows per side")."""
+        if self.window is not None:
+            return self.window, "window"
+        n = self.windows_per_side
+        return (1 if frames == 1 else self.temporal_window, n, n), "windows per side"
+
+    def window_for(self, grid: tuple[int, int, int]) -> tuple[int, int, int]:
+        """The window (frames, rows, cols) in tokens for a token grid (F, H, W) that is a
+        multiple of `grid_multiple(F)` (the models check that first, with messages in pixels)."""
+        if self.window is not None:
+            return self.window
+        F, H, W = grid
+        (tf, n, _), _ = self.grid_multiple(F)
+        if F % tf or H % n or W % n:
+            raise ValueError(f"token grid {grid} does not split into the schedule's {n}x{n} "
+                             f"windows of {tf} frames; pass window=(f, h, w) explicitly")
+        return (tf, H // n, W // n)
+
+
 class WindowLayout(NamedTuple):
-    """How one forward pass cuts its token grid, built once per (grid, window, batch, device):
-    grid (F, h, w) and window (c0, c1, c2) in tokens; for the shifted windows, the gathers that
-    roll the window-major stream and back, (T,) each, and the additive mask (B·nW, 1, N, N)."""
-    grid: tuple[int, int, int]
-    window: tuple[int, int, int]
+    """How one forward pass cuts its token grid, built once per (grid, window, device, dtype)
+    and shared by every batch size: the windows; for the shifted windows, the gathers that roll
+    the window-major stream and back, (T,) each, and the additive mask (nW, 1, N, N) that each
+    sample's rows broadcast against."""
+    windows: Windows
     shift_index: Tensor | None
     unshift_index: Tensor | None
     shift_bias: Tensor | None
-
-    @property
-    def window_tokens(self) -> int:
-        return self.window[0] * self.window[1] * self.window[2]
-
-    @property
-    def num_windows(self) -> int:
-        return window_count(self.grid, self.window)
 
 
 def _layer_norm(hidden_size: int) -> nn.LayerNorm:
@@ -96,7 +165,8 @@ class PTDiTBlock(nn.Module):
                 layout: WindowLayout) -> Tensor:
         """x (B, T, D) window-major, y (B, L, D) captions, t (B, 6·D), y_bias (B, 1, 1, L)."""
         B, T, D = x.shape
-        nW, N = layout.num_windows, layout.window_tokens
+        windows = layout.windows
+        nW, N = windows.num_windows, windows.window_tokens
         t = t.reshape(B, 6, D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + t).chunk(6, dim=1)
@@ -106,13 +176,13 @@ class PTDiTBlock(nn.Module):
             x = x + self.proxy_out(
                 self.proxy_cross_attn(self.norm_query(x), self.norm_proxy_kv(p)))
         h = modulate(self.norm1(x), shift_msa, scale_msa).view(B * nW, N, D)  # a window per row
-        x = x + gate_msa * self.attn(h).view(B, T, D)
+        x = x + gate_msa * self.attn(h, None, windows).view(B, T, D)
         if self.shift_window:
             shift_sw, scale_sw, gate_sw = (self.shift_scale_shift_table[None] + t[:, :3]).chunk(
                 3, dim=1)
             h = modulate(self.norm_shift(x), shift_sw, scale_sw)
-            h = h[:, layout.shift_index].view(B * nW, N, D)              # a rolled window per row
-            h = self.shift_attn(h, layout.shift_bias).view(B, T, D)
+            h = h[:, layout.shift_index].view(B, nW, N, D)           # a rolled window per row
+            h = self.shift_attn(h, layout.shift_bias, windows).view(B, T, D)  # mask (nW, 1, N, N)
             x = x + self.shift_out(gate_sw * h[:, layout.unshift_index])    # rolled back
         if self.text:
             x = x + self.cross_attn(x, y, y_bias)
@@ -128,7 +198,7 @@ class PTDiT(nn.Module):
         self.config = config
         D = config.hidden_size
         self.in_channels = config.in_channels
-        self.out_channels = config.in_channels * 2 if config.learn_sigma else config.in_channels
+        self.out_channels = config.out_channels
         self.patch_size = config.patch_size
         text = config.condition == "text"
 
@@ -157,25 +227,25 @@ class PTDiT(nn.Module):
                     nn.init.zeros_(out.weight)
                     nn.init.zeros_(out.bias)
 
-    def layout(self, grid: tuple[int, int, int], window: tuple[int, int, int], batch: int,
-               like: Tensor) -> tuple[WindowLayout, Tensor]:
+    def layout(self, grid: tuple[int, int, int], window: tuple[int, int, int], like: Tensor
+               ) -> tuple[WindowLayout, Tensor]:
         """The window layout and the (1, T, D) position table in window-major order, in the
-        table's compute dtype (float32, float64 for float64 models); cached per shape."""
-        key = (grid, window, batch, like.device, like.dtype)
-        return self._per_shape.get(key, lambda: self._build_layout(grid, window, batch, like))
+        table's compute dtype (float32, float64 for float64 models); cached per shape, one for
+        every batch size."""
+        key = (grid, window, like.device, like.dtype)
+        return self._per_shape.get(key, lambda: self._build_layout(grid, window, like))
 
-    def _build_layout(self, grid, window, batch, like) -> tuple[WindowLayout, Tensor]:
+    def _build_layout(self, grid, window, like) -> tuple[WindowLayout, Tensor]:
         shift = unshift = bias = None
         if self.config.shift_window:
             shift, unshift = (i.to(like.device) for i in shift_permutation(grid, window))
             bias = shift_window_bias(grid, window, like.dtype, like.device)    # (nW, 1, N, N)
-            bias = bias.repeat(batch, 1, 1, 1)   # rows are batch-major: row b·nW + w -> window w
         F, h, w = grid
         table = position_table(self.config.hidden_size, F, h, w,
                                scale=self.config.pos_interp_scale, device=like.device,
                                dtype=compute_dtype(like.dtype))
         positions = window_partition(table.reshape(1, F, h, w, -1), window)
-        return WindowLayout(grid, window, shift, unshift, bias), positions
+        return WindowLayout(Windows(grid, window), shift, unshift, bias), positions
 
     def forward(self, x: Tensor, t: Tensor, text: Tensor, text_mask: Tensor | None = None
                 ) -> Tensor:
@@ -188,14 +258,14 @@ class PTDiT(nn.Module):
         returns (B, 2C, H, W) or (B, 2C, F, H, W)
         """
         dtype = self.x_embedder.proj.weight.dtype
-        frames = x.shape[2] if x.dim() == 5 else 1
+        frames = x.shape[2] if isinstance(x, Tensor) and x.dim() == 5 else 1  # checked below
         multiple, unit = self.config.grid_multiple(frames)
         shape = parse_latent(x, self.in_channels, self.patch_size, multiple, dtype, unit)
         window = self.config.window_for(shape.grid)
         B = shape.batch
         t = check_timesteps(t, B, x.device)
         x = self.x_embedder(shape.as_video(x))                            # (B, T, D) raster
-        layout, positions = self.layout(shape.grid, window, B, x)
+        layout, positions = self.layout(shape.grid, window, x)
         x = window_partition(x.unflatten(1, shape.grid), window)          # (B, T, D) window-major
         x = (x.to(positions.dtype) + positions).to(dtype)   # added in float32 as released
         t = self.t_embedder(t)                                            # (B, D)
