@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 
 from bench import plots, report
+from bench.rows import provenance
+from bench.store import Store
 from ptdit import complexity, get_config, list_models
 
 PUBLISHED = Path(__file__).with_name("published.csv")
@@ -303,9 +305,23 @@ def plot_curves(curves: pd.DataFrame, plot: str) -> pd.DataFrame:
     return rows.dropna(axis="columns", how="all").reset_index(drop=True)
 
 
-def run(out_dir: Path = DEFAULT_OUT) -> str:
-    """Writes complexity.csv, complexity.md and each plot's PNG and CSV to `out_dir`; returns
-    the Markdown."""
+def cost_rows(df: pd.DataFrame, points: pd.DataFrame) -> list[dict]:
+    """The closed-form rows behind the comparison and the curves, one per distinct (model,
+    resolution, latent frames), with DESIGN.md's provenance fields."""
+    known = set(list_models())
+    cases = {(m, int(r), int(f)) for m, r, f in zip(df.ptdit_model, df.resolution,
+                                                    df.latent_frames) if m in known}
+    cases |= {(m, int(r), int(f)) for m, r, f in zip(points.model, points.resolution,
+                                                     points.latent_frames)}
+    env = provenance("none (closed form)", "any", "float32")
+    return [{**env, **cost(m, r, _frames(f)), "status": "ok"} for m, r, f in sorted(cases)]
+
+
+def run(out_dir: Path = DEFAULT_OUT, store: Store | None = None) -> str:
+    """Writes complexity.csv, complexity.md and each plot's PNG and CSV to `out_dir`, and, with
+    a `store`, appends the closed-form rows used (`cost_rows`); returns the Markdown."""
+    if str(out_dir).strip() == "":
+        raise ValueError("--out is empty; give a folder (it is created if missing)")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file; give a folder (it is created if missing)")
@@ -326,4 +342,7 @@ def run(out_dir: Path = DEFAULT_OUT) -> str:
                           out_dir / "gflops_vs_resolution.png")
     plots.plot_attention_share(by_plot["attention_share"], out_dir / "attention_share.png")
     plots.plot_video(by_plot["video_vs_frames"], published, out_dir / "video_vs_frames.png")
+    if store is not None:
+        for row in cost_rows(df, points):
+            store.append(row)
     return text

@@ -105,8 +105,9 @@ def cmd_flops(args: argparse.Namespace) -> int:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from bench.reproduce import run
+    from bench.store import Store
 
-    print(run(args.out))
+    print(run(args.out, Store(args.store) if args.store else None))
     return 0
 
 
@@ -183,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         "attention share, video vs frames) and prints the Markdown tables.")
     p.add_argument("--out", default="results/complexity", metavar="DIR",
                    help="output folder (default results/complexity)")
+    p.add_argument("--store", metavar="STORE.jsonl",
+                   help="also append the closed-form rows behind the tables and plots, with "
+                   "provenance, to this results store")
     p.set_defaults(func=cmd_reproduce)
     return parser
 

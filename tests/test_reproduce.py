@@ -11,6 +11,8 @@ import pytest
 
 import ptdit
 from bench import plots, report, reproduce
+from bench.rows import check_row
+from bench.store import Store
 from ptdit import complexity as cx
 from ptdit.cli import main
 
@@ -251,3 +253,22 @@ def test_cli_reproduce_prints_the_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "DiT paper, Table 4" in out and "| DiT-XL/2 |" in out
     assert (tmp_path / "out" / "complexity.csv").exists()
+
+
+def test_reproduce_refuses_an_empty_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["reproduce", "--out", ""]) == 2
+    assert "--out is empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reproduce_writes_its_cost_rows_through_the_store(tmp_path):
+    store = Store(tmp_path / "costs.jsonl")
+    reproduce.run(tmp_path / "out", store)
+    df = store.frame()
+    assert df.status.eq("ok").all() and not df.duplicated(["model", "resolution",
+                                                           "latent_frames"]).any()
+    check_row(df.iloc[0].to_dict())
+    row = df[(df.model == "PT-DiT/XL") & (df.resolution == 1024) & (df.latent_frames == 1)]
+    assert row.total_gmacs.item() == cx.costs("PT-DiT/XL", 1024)["total_gmacs"]
+    assert set(df.model) >= set(reproduce.PLOT_MODELS)
