@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 KINDS = ("global", "proxy", "proxy_cross", "window", "shift_window", "text_cross")
-WINDOW_KINDS = ("window", "shift_window")
 MASK_VALUE = -10000.0  # additive bias for masked keys, as the PT-DiT release and diffusers use
 
 
@@ -201,6 +200,13 @@ class CrossAttention(_AttentionBase):
         return self.proj(self.merge(self.attend(q, k, v, bias)))
 
 
+def text_bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """(B, L) keep-mask (1 keeps) -> additive bias (B, 1, 1, L): 0 kept, -10000 dropped."""
+    if mask is None:
+        return None
+    return ((1 - mask.to(dtype)) * MASK_VALUE)[:, None, None, :]
+
+
 #################################################################################
 #                     Backends and observers of a whole model                   #
 #################################################################################
@@ -254,9 +260,9 @@ def observe(model: nn.Module, observer: Observer, kinds: Collection[str] | None 
     chosen = {n: m for n, m in modules.items()
               if (kinds is None or m.kind in kinds) and (names is None or n in names)}
     if not chosen:
-        present = sorted({m.kind for m in modules.values()})
-        raise ValueError(f"no attention module of kinds {sorted(kinds)} in this model; it has "
-                         f"{', '.join(present) or 'none'}")
+        present = ", ".join(sorted({m.kind for m in modules.values()})) or "none"
+        raise ValueError(f"no attention module matches kinds={kinds}, names={names}; this "
+                         f"model's kinds: {present}")
     idle = [n for n, m in chosen.items() if m.backend != "math"]
     if idle:
         warnings.warn(_unobserved(idle), UserWarning, stacklevel=3)
@@ -281,13 +287,6 @@ def _unobserved(names: list[str]) -> str:
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     return (f"attention observer set on {len(names)} module(s) not on the 'math' backend "
             f"({shown}), and only 'math' calls observers: use attention_backend(model, 'math')")
-
-
-def text_bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """(B, L) keep-mask (1 keeps) -> additive bias (B, 1, 1, L): 0 kept, -10000 dropped."""
-    if mask is None:
-        return None
-    return ((1 - mask.to(dtype)) * MASK_VALUE)[:, None, None, :]
 
 
 #################################################################################

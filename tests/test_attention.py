@@ -1,5 +1,7 @@
 """Window, shifted-window and proxy attention against dense references, in float64."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -84,8 +86,7 @@ def test_shifted_window_attention_equals_dense_on_rolled_grid(grid, window):
     attn = make_attention(kind="shift_window")
     B, T, N = 2, grid[0] * grid[1] * grid[2], window[0] * window[1] * window[2]
     x = torch.randn(B, *grid, 32, dtype=torch.float64)
-    shift = A.shift_amounts(window)
-    assert shift == tuple(c // 2 for c in window)
+    shift = tuple(c // 2 for c in window)   # Swin / the release: roll by half a window
 
     # ours: window-major stream -> rolled windows -> masked window attention -> unrolled
     xw = A.window_partition(x, window)
@@ -118,6 +119,31 @@ def test_shift_mask_splits_only_last_windows():
     assert torch.all(bias.diagonal(dim1=1, dim2=2) == 0)   # every query sees itself
 
 
+@pytest.mark.parametrize("grid,window", GRIDS)
+def test_shift_mask_mod_equals_dense_rule_on_rolled_grid(grid, window):
+    """The mask function over (window row, query, key) on broadcast index grids, against the
+    rule stated on the whole rolled grid: same window, and on each axis both or neither token
+    wrapped around."""
+    shift, T, N = A.shift_amounts(window), grid[0] * grid[1] * grid[2], math.prod(window)
+    c = coords(grid)[A.window_order(grid, window)]             # window-major rolled coordinates
+    wrapped = c + torch.tensor(shift) >= torch.tensor(grid)
+    allowed = (wrapped[:, None] == wrapped[None, :]).all(-1)   # (T, T)
+    rows = torch.arange(T).view(-1, N)                         # positions of each window row
+    reference = allowed[rows[:, :, None], rows[:, None, :]]     # (nW, N, N)
+    mask_mod = A.shift_window_mask_mod(grid, window)
+    b, q, kv = torch.arange(T // N), torch.arange(N), torch.arange(N)
+    ours = mask_mod(b[:, None, None], torch.tensor(0), q[None, :, None], kv[None, None, :])
+    assert torch.equal(ours, reference)
+    assert mask_mod.__name__ == "shift_window_g{}x{}x{}_w{}x{}x{}".format(*grid, *window)
+    bias = A.shift_window_bias(grid, window, torch.float64, "cpu")
+    assert torch.equal(bias[:, 0] == 0, reference)
+
+
+def test_shift_mask_on_meta_has_its_shape_only():
+    bias = A.shift_window_bias((48, 64, 64), (4, 8, 8), torch.bfloat16, "meta")
+    assert bias.is_meta and bias.shape == (768, 1, 256, 256) and bias.dtype == torch.bfloat16
+
+
 def test_shift_mask_is_built_per_shape():
     a = A.shift_window_bias((1, 8, 8), (1, 4, 4), torch.float32, "cpu")
     b = A.shift_window_bias((1, 8, 12), (1, 4, 4), torch.float32, "cpu")
@@ -146,13 +172,28 @@ def test_math_backend_equals_sdpa_and_observes_probabilities():
     seen = []
     A.set_backend(attn, "math")
     A.set_backend(cross, "math")
-    attn.observer = cross.observer = lambda module, probs: seen.append((module.kind, probs))
+    attn.observer = cross.observer = lambda call, probs: seen.append((call, probs))
     assert (attn(x) - ref_self).abs().max() <= 1e-12
     assert (cross(x, ctx, bias) - ref_cross).abs().max() <= 1e-12
-    (k1, p1), (k2, p2) = seen
-    assert (k1, p1.shape, k2, p2.shape) == ("global", (2, 4, 9, 9), "text_cross", (2, 4, 9, 5))
+    (c1, p1), (c2, p2) = seen
+    assert c1 == A.AttentionCall("", "global", "math", None, None, 2)   # unnamed: no model
+    assert (c2.kind, p1.shape, p2.shape) == ("text_cross", (2, 4, 9, 9), (2, 4, 9, 5))
     assert torch.allclose(p1.sum(-1), torch.ones(2, 4, 9, dtype=torch.float64))
     assert p2[1, :, :, 1:].max() < 1e-300          # dropped caption tokens get no attention
+
+
+def test_window_calls_carry_their_grid_and_window():
+    attn = make_attention(kind="shift_window")
+    A.set_backend(attn, "math")
+    grid, window = (4, 4, 6), (2, 2, 3)
+    windows = A.Windows(grid, window)
+    assert (windows.num_windows, windows.window_tokens) == (8, 12)
+    seen = []
+    attn.observer = lambda call, probs: seen.append((call, probs.shape))
+    attn(torch.randn(3, 8, 12, 32, dtype=torch.float64),
+         A.shift_window_bias(grid, window, torch.float64, "cpu"), windows)
+    assert seen == [(A.AttentionCall("", "shift_window", "math", grid, window, 3),
+                     (3 * 8, 4, 12, 12))]
 
 
 def test_bad_backend_and_divisibility_are_refused():

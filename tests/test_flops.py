@@ -166,9 +166,9 @@ def test_torch_counter_on_cpu_tensors(name, resolution, overrides, masked):
 
     On CPU (torch 2.14) every SDPA call of the three models takes the fused kernel
     `_scaled_dot_product_flash_attention_for_cpu`, masked ones included: global, proxy and
-    proxy-cross, window and shifted-window attention as 4-D (B·nW, H, N, d) problems with the
-    (B·nW, 1, N, N) shift mask, and text cross-attention with a caption mask. So plain
-    FlopCounterMode sees the linear layers only, and no call falls back to the math path."""
+    proxy-cross, window attention as 4-D (B·nW, H, N, d) problems, shifted-window attention as
+    one (nW, H, N, d) problem per sample sharing the (nW, 1, N, N) shift mask, and text
+    cross-attention with a caption mask. So plain FlopCounterMode sees the linear layers only, and no call falls back to the math path."""
     work = workload(name, resolution, batch=2, text_tokens=7, **overrides)
     model = ptdit.build(name, device="cpu", **overrides)
     inputs = example_inputs(model, work)

@@ -526,7 +526,7 @@ def test_every_sub_step_matches_release(release):
                                             ref[f"{i}.{name}"])
         diffs[f"{i}.ff_in"] = max_diff(ours[f"{i}.ff_in"].reshape(B * nW, N, D),
                                        ref[f"{i}.ff_in"])
-        bias = ours[f"{i}.shift_bias"][:, 0]                   # (B·nW, N, N), as released
+        bias = ours[f"{i}.shift_bias"][:, 0].repeat(B, 1, 1)   # (B·nW, N, N), as released
         diffs[f"{i}.shift_mask"] = max_diff(bias, ref["shift_mask"])
     assert max(diffs.values()) <= TOL, diffs
 
@@ -633,7 +633,7 @@ def test_positions(release, grid):
     _, model = release
     window = (1, 2, 2)
     F_, Hn, Wn = grid
-    _, positions = model.layout(grid, window, 1, torch.zeros((), dtype=torch.float64))
+    _, positions = model.layout(grid, window, torch.zeros((), dtype=torch.float64))
     ours = window_reverse(positions, grid, window).reshape(F_, Hn * Wn, -1)
     assert max_diff(ours, release_positions(16, F_, Hn, Wn, transposed=False)) < 1e-14
     transposed = release_positions(16, F_, Hn, Wn, transposed=True)

@@ -8,7 +8,7 @@ import torch
 
 import ptdit
 from bench.catalog import describe
-from ptdit.attention import attention_modules, set_backend
+from ptdit.attention import attention_backend, observe
 
 from conftest import SMALL, condition, forward_inputs, randomize, small_model
 
@@ -160,13 +160,12 @@ def test_new_ptdit_has_identity_branches_at_init():
 def test_math_backend_matches_sdpa_in_whole_models(family):
     model = small_model(family)
     x, t, *cond = forward_inputs(model, (2, 4, 16, 16))
+    kinds = []
     with torch.no_grad():
         ref = model(x, t, *cond)
-        set_backend(model, "math")
-        kinds = []
-        for m in attention_modules(model).values():
-            m.observer = lambda mod, probs: kinds.append(mod.kind)
-        assert (model(x, t, *cond) - ref).abs().max() <= 1e-10
+        with attention_backend(model, "math"), observe(model, lambda call, probs:
+                                                       kinds.append(call.kind)):
+            assert (model(x, t, *cond) - ref).abs().max() <= 1e-10
     expected = {"DiT": {"global"}, "PixArt": {"global", "text_cross"},
                 "PT-DiT": {"proxy", "proxy_cross", "window", "shift_window", "text_cross"}}
     assert set(kinds) == expected[family]
@@ -227,13 +226,21 @@ def test_window_schedule_follows_the_paper():
 
 
 def test_explicit_window_overrides_the_schedule():
-    model = small_model("PT-DiT", window=(1, 4, 2))
-    x = torch.randn(1, 4, 16, 16, dtype=torch.float64)
-    cond = condition(model, 1)
-    out = model(x, torch.tensor([10.0], dtype=torch.float64), *cond)
-    ref = small_model("PT-DiT")
-    ref.load_state_dict(model.state_dict())
-    assert (out - ref(x, torch.tensor([10.0], dtype=torch.float64), *cond)).abs().max() > 1e-8
+    """The window each window-kind attention call ran with, as its call record says: the
+    override, not the schedule's (2x2 windows per side of an 8x8 grid: 4x4 tokens)."""
+    x, t, *cond = forward_inputs(small_model("PT-DiT"), (1, 4, 16, 16))
+    used = {}
+    for window in ((1, 4, 2), None):
+        model = small_model("PT-DiT", window=window)
+        calls = []
+        with torch.no_grad(), attention_backend(model, "math"), \
+                observe(model, lambda call, probs: calls.append((call, probs.shape)),
+                        kinds=["window", "shift_window"]):
+            model(x, t, *cond)
+        assert {call.grid for call, _ in calls} == {(1, 8, 8)}
+        used[window] = {(call.window, shape[-1]) for call, shape in calls}
+    assert used[(1, 4, 2)] == {((1, 4, 2), 8)}                 # keys per row: 4·2 tokens
+    assert used[None] == {((1, 4, 4), 16)}
 
 
 def test_four_and_five_dimensional_images_agree():
@@ -448,10 +455,10 @@ def test_window_attention_runs_as_fused_sdpa_over_window_rows():
         model(x, torch.rand(2) * 1000, torch.randint(0, 10, (2,)))
     assert "aten._scaled_dot_product_flash_attention_for_cpu" in ops.seen
     assert "aten.bmm" not in ops.seen          # no fallback to the math path
-    set_backend(model, "math")
     shapes = []
-    model.blocks[0].attn.observer = lambda module, probs: shapes.append(tuple(probs.shape))
-    with torch.no_grad():
+    with torch.no_grad(), attention_backend(model, "math"), \
+            observe(model, lambda call, probs: shapes.append(tuple(probs.shape)),
+                    names=["blocks.0.attn"]):
         model(x, torch.rand(2) * 1000, torch.randint(0, 10, (2,)))
     assert shapes == [(2 * 4, 4, 32, 32)]      # grid 8x16, 2x2 windows of 4x8 tokens
 
