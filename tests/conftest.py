@@ -4,6 +4,8 @@ import os
 
 import pytest
 import torch
+# private, for tests only: the op-level trace that shows which SDPA kernel runs
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ptdit
 from ptdit.models.inputs import VAE_SPATIAL
@@ -50,6 +52,18 @@ def forward_inputs(model: torch.nn.Module, shape: tuple, dtype=torch.float64,
 def condition(model: torch.nn.Module, batch: int, dtype=torch.float64) -> tuple:
     """Fresh random condition for `model`: (class labels,) or (captions, keep-mask)."""
     return forward_inputs(model, (batch, model.config.in_channels, 16, 16), dtype)[2:4]
+
+
+class Ops(TorchDispatchMode):
+    """Names of the aten ops a block of code runs (`with Ops() as ops: …; ops.seen`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(autouse=True)

@@ -6,27 +6,14 @@ from contextlib import ExitStack
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode   # private: op-level trace
 
 import ptdit
 from ptdit import attention as A
 from ptdit.attention import AttentionCall, attention_backend, attention_modules, observe
 
-from conftest import forward_inputs, randomize, small_model
+from conftest import Ops, forward_inputs, randomize, small_model
 
 FUSED = "aten._scaled_dot_product_flash_attention_for_cpu"
-
-
-class Ops(TorchDispatchMode):
-    """Names of the aten ops a block of code runs."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
 
 
 def layout_bytes(layout) -> int:

@@ -10,7 +10,7 @@ import ptdit
 from bench.catalog import describe
 from ptdit.attention import attention_backend, observe
 
-from conftest import SMALL, condition, forward_inputs, randomize, small_model
+from conftest import SMALL, Ops, condition, forward_inputs, randomize, small_model
 
 # A copy of shared/reference/official_ptdit_1b_keys.json: every key and shape of the 1B release.
 RELEASE_KEYS = pathlib.Path(__file__).parent / "data" / "official_ptdit_1b_keys.json"
@@ -437,17 +437,6 @@ def test_training_after_inference_mode_validation(family):
 def test_window_attention_runs_as_fused_sdpa_over_window_rows():
     """Window attention hands SDPA 4-D (windows, heads, N, d) problems, the layout the fused
     kernels take; the observer sees (B·nW, heads, N, N) probabilities."""
-    from torch.utils._python_dispatch import TorchDispatchMode   # private: op-level trace
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
     model = small_model("PT-DiT", dtype=torch.float32, giim=False, shift_window=False,
                         condition="class", num_classes=10)
     x = torch.randn(2, 4, 16, 32)
