@@ -9,6 +9,13 @@
                 [--backend sdpa|math] [--dtype float32|bfloat16|float16|float64] [--format ...]
                 [--store PATH]
     ptdit reproduce [--out DIR]
+    ptdit bench latency|memory --model M [M ...] --resolution R [R ...] [--frames F ...]
+                [--batch B ...] [--dtype D ...] [--mode forward|cfg|train ...] [--device cpu|cuda]
+                [--backend sdpa|math ...] [--repeats N] [--warmup N] [--compile] [--cuda-graphs]
+                [--text-tokens L] [--override FIELD=VALUE ...] [--threads N] [--format ...]
+                [--store PATH]
+    ptdit sweep FILE.toml --out STORE.jsonl [--dry-run] [--smoke] [--report DIR] [--threads N]
+    ptdit report STORE.jsonl --out DIR
 """
 
 import argparse
@@ -19,6 +26,8 @@ from ptdit.checks import DTYPES
 
 FORMATS = ("table", "csv", "json", "markdown")
 COUNTERS = ("analytic", "torch", "fvcore")   # bench.flops.COUNTERS, not imported for --help
+MODES = ("forward", "cfg", "train")            # bench.latency.MODES, likewise
+RUNTIME_DTYPES = ("float32", "bfloat16", "float16")   # bench.latency.DTYPES, likewise
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -111,6 +120,122 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+TEXT_COLUMNS = ("overrides", "flop_model", "prediction")   # left out of printed tables
+
+
+def _override(text: str) -> tuple[str, object]:
+    """FIELD=VALUE, the value in TOML syntax (2, 0.5, true, "x"); a bare word is a string."""
+    import tomllib
+
+    field, sep, value = text.partition("=")
+    if not sep or not field.strip():
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, e.g. depth=2; got {text!r}")
+    try:
+        return field.strip(), tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return field.strip(), value
+
+
+def _runtime_table(rows: list[dict], fmt: str) -> str:
+    import pandas as pd
+
+    from bench.report import render
+
+    df = pd.DataFrame(rows)
+    if fmt in ("table", "markdown"):
+        df = df.drop(columns=[c for c in (*PROVENANCE, *TEXT_COLUMNS) if c in df])
+    return render(df, fmt)
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be a positive integer, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench.store import Store
+    from bench.sweep import grids, plan, run, stored_rows
+
+    _set_threads(args.threads)
+
+    spec = {"models": args.model, "resolutions": args.resolution, "batch": args.batch,
+            "dtype": args.dtype, "mode": args.mode, "backend": args.backend,
+            "measure": args.measurement, "device": args.device, "repeats": args.repeats,
+            "warmup": args.warmup, "compile": args.compile, "cuda_graphs": args.cuda_graphs,
+            "text_tokens": args.text_tokens, "overrides": dict(args.override)}
+    if args.frames:
+        spec["frames"] = args.frames
+    jobs = plan(grids(spec))
+    if args.store is None:
+        rows = list(run(jobs))
+    else:
+        store = Store(args.store)
+        for _ in run(jobs, store):
+            pass
+        rows = stored_rows(jobs, store)   # a resumed run shows the earlier rows too
+    print(_runtime_table(rows, args.format))
+    return 0 if all(row["status"] == "ok" for row in rows) else 1
+
+
+def _write_report(store_path, out_dir) -> None:
+    from bench.runtime_report import write_report
+    from bench.store import Store
+
+    for name, path in write_report(Store(store_path).frame(), out_dir).items():
+        print(f"{name}: {path}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if not Path(args.store).is_file():
+        raise ValueError(f"no results store at {args.store}; make one with `ptdit sweep "
+                         f"FILE.toml --out {args.store}`")
+    _write_report(args.store, args.out)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from bench import sweep
+    from bench.store import Store
+
+    _set_threads(args.threads)
+    cases = sweep.grids(sweep.load(args.file), args.file)
+    jobs = sweep.plan(sweep.smoke(cases) if args.smoke else cases)
+    paths = [args.out] + ([args.report] if args.report else [])
+    if any("{device}" in p for p in paths):
+        slug = sweep.device_slug(jobs)
+        paths = [p.replace("{device}", slug) for p in paths]
+    out, report = paths[0], (paths[1] if args.report else None)
+    if args.dry_run:   # nothing is measured or written
+        done = Store(out).done(sweep.KEY) if Path(out).is_file() else set()
+        listed = [{**job.fields(), "stored": job.key() in done} for job in jobs]
+        print(_runtime_table(listed, "table"))
+        print(f"{len(jobs)} cases, {sum(row['stored'] for row in listed)} already in {out}; "
+              f"the timed steps' closed-form work: {sweep.estimate_tflop(jobs):.4g} TFLOP")
+        return 0
+    store = Store(out)
+    try:
+        new = list(sweep.run(jobs, store))
+    except KeyboardInterrupt:
+        print(f"ptdit sweep: interrupted; every finished row is in {store.path}: run the same "
+              "command again to resume", file=sys.stderr)
+        return 130
+    tally = sweep.counts(sweep.stored_rows(jobs, store))
+    print(f"{len(jobs)} cases of {args.file}: {len(new)} measured now, "
+          f"{len(jobs) - len(new)} already stored; "
+          + ", ".join(f"{n} {status}" for status, n in tally.items()) + f"; store: {store.path}")
+    if report:
+        _write_report(store.path, report)
+    return 1 if tally["error"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ptdit", description="PT-DiT, DiT and PixArt-alpha: models, cost and analysis.")
@@ -188,6 +313,87 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also append the closed-form rows behind the tables and plots, with "
                    "provenance, to this results store")
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser(
+        "bench", help="measure step latency or peak memory (forward, cfg, train) on CPU or CUDA",
+        description="Every model × resolution × frames × batch × dtype × backend × mode given, "
+        "as results rows (printed; appended to --store if given, where the cases already "
+        "stored are not measured again). Latency: median, IQR and min in ms of --repeats timed "
+        "steps after --warmup untimed ones (perf_counter on the CPU, CUDA events on CUDA), "
+        "torch.compile's time apart in compile_s, the closed-form MACs of the step and "
+        "achieved_tflops by the row's flop_model (FLOPs = 2 × MACs; train ≈ 3 × forward). "
+        "Memory: peak MiB of one step above what was held before it (CPU: a fresh process, "
+        "its peak RSS; CUDA: max_memory_allocated), beside the closed-form activation MiB.")
+    p.add_argument("measurement", choices=("latency", "memory"))
+    p.add_argument("--model", nargs="+", required=True, metavar="M",
+                   help="model name(s), see `ptdit models`")
+    p.add_argument("--resolution", nargs="+", type=int, required=True, metavar="R",
+                   help="square image side in pixels (latent side = R / 8)")
+    p.add_argument("--frames", nargs="+", type=int, metavar="F",
+                   help="LATENT frames for video latents (B, 4, F, H, W); omit for images")
+    p.add_argument("--batch", nargs="+", type=int, default=[1], metavar="B",
+                   help="requested batch size(s) (default 1); cfg runs the model at 2 × B")
+    p.add_argument("--dtype", nargs="+", choices=RUNTIME_DTYPES, default=["float32"],
+                   metavar="D", help=f"{', '.join(RUNTIME_DTYPES)} (default float32)")
+    p.add_argument("--mode", nargs="+", choices=MODES, default=["forward"], metavar="MODE",
+                   help="forward (no_grad), cfg (the guided forward: batch doubled) or train "
+                   "(forward, MSE loss, backward, AdamW step); default forward")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cpu (default) or cuda (the current GPU: pick it with "
+                   "CUDA_VISIBLE_DEVICES); cuda without a GPU is an error, never a CPU run")
+    p.add_argument("--backend", nargs="+", choices=list(BACKENDS), default=["sdpa"],
+                   metavar="NAME", help=f"attention backend(s): {', '.join(BACKENDS)} "
+                   "(default sdpa)")
+    p.add_argument("--repeats", type=int, default=10, metavar="N",
+                   help="timed steps per latency row (default 10)")
+    p.add_argument("--warmup", type=int, default=2, metavar="N",
+                   help="untimed steps before them (default 2)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (latency; "
+                   "compilation + first call in compile_s, never in latency_ms_*)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the step as a CUDA graph (latency on cuda)")
+    p.add_argument("--text-tokens", type=int, default=120, metavar="L",
+                   help="T5 caption tokens for text models (default 120)")
+    p.add_argument("--override", nargs="+", type=_override, action="extend", default=[],
+                   metavar="FIELD=VALUE", help="config fields of every model, e.g. depth=2 "
+                   "hidden_size=64 (values in TOML syntax)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU intra-op threads "
+                   "(torch.set_num_threads; default: torch's, one per core), recorded in each "
+                   "row's threads and device")
+    p.add_argument("--format", choices=FORMATS, default="table")
+    p.add_argument("--store", metavar="PATH", help="JSONL results store to append the rows to")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "sweep", help="run a sweep file's latency/memory grid into a results store (resumable)",
+        description="Runs the grid of a TOML sweep file (keys: bench/sweep.py KEYS; examples: "
+        "bench/sweeps/*.toml), appending each row to --out as it finishes. Every case is "
+        "validated before the first is measured; a rerun skips the cases already stored; a "
+        "case that runs out of memory is an 'oom' row and the larger cases of its model and "
+        "setup are 'skipped: …' rows.")
+    p.add_argument("file", help="the sweep file (TOML)")
+    p.add_argument("--out", required=True, metavar="STORE.jsonl",
+                   help="results store; '{device}' in the path becomes the device's name, "
+                   "e.g. results/gpu/{device}/store.jsonl")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and list the cases (and which are stored), measure nothing")
+    p.add_argument("--smoke", action="store_true",
+                   help="the same grid on the CPU in seconds: depth 1, width 64, one "
+                   "small size (<= 256 px, <= 4 latent frames), one repeat, no warm-up, eager")
+    p.add_argument("--report", metavar="DIR", help="then write `ptdit report`'s output to DIR "
+                   "('{device}' as in --out)")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU intra-op threads "
+                   "(torch.set_num_threads; default: torch's, one per core), recorded in each "
+                   "row's threads and device")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "report", help="latency/memory rows of a results store as CSV, Markdown and plots",
+        description="Writes bench.runtime_report's tables (runtime.md, latency.csv, "
+        "memory.csv, speedups.csv) and plots from the rows of STORE into DIR.")
+    p.add_argument("store", metavar="STORE.jsonl", help="a results store (ptdit sweep --out)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,0 +1,346 @@
+"""Sweeps: a grid of latency and memory cases from a TOML file (or flags), measured one by one
+into a results store that survives crashes and resumes.
+
+    spec = load("bench/sweeps/cpu.toml")
+    jobs = plan(grids(spec, "cpu.toml"))        # every case validated before any is measured
+    for row in run(jobs, Store("/tmp/cpu_sweep.jsonl")):
+        ...
+
+A sweep file holds grid keys (`KEYS`; each documented there) at the top level and optionally
+`[[grid]]` tables: without `[[grid]]` the top level is the one grid; with them each table is a
+grid whose keys replace the top level's (the top level then holds shared defaults, e.g.
+`repeats`). A grid is the product models × resolutions × frames × batch × dtype × backend ×
+mode × measure × compile × cuda_graphs; keys that take a list also take a single value. Memory
+rows measure eager steps, so a grid's memory cases drop its compile and cuda_graphs options.
+An unknown key, a value not allowed or a case that cannot be built (a resolution the windows do
+not divide, say) raises ValueError naming the grid, the key and what is allowed, before anything
+is measured.
+
+`run` measures the cases not already in the store (`KEY` columns), appending each row as it
+finishes (bench.store: a crash, SIGKILL or Ctrl-C loses no finished row; a rerun resumes). Cases
+run smallest first within a group (`GROUP`: model, overrides, setup); once a case of a group
+runs out of memory (status 'oom'), its larger cases (more tokens × forward batch) are not run but
+written as rows whose status says 'skipped: …' and names the case that ran out. A tqdm bar on a
+terminal shows the case, the ETA and the last result.
+"""
+
+import difflib
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ptdit import Workload
+from ptdit.attention import BACKENDS
+from ptdit.checks import is_int
+from ptdit.workload import DEFAULT_TEXT_TOKENS
+
+from . import latency, memory
+from .latency import DTYPES, MODES, Case
+from .rows import device_label
+from .store import Store
+
+MEASUREMENTS = ("latency", "memory")
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Key:
+    """A sweep-file key: what it means, its default, and which values are allowed."""
+    doc: str
+    default: object
+    allowed: str
+    check: Callable[[object], bool]
+    many: bool = True      # a list of values; a single value stands for a list of one
+
+
+def _positive(v) -> bool:
+    return is_int(v) and v > 0
+
+
+KEYS: dict[str, Key] = {
+    "models": Key("model names, as `ptdit models` lists them", REQUIRED,
+                  "registry names (`ptdit models`)", lambda v: isinstance(v, str)),
+    "resolutions": Key("square image sides in pixels (latent side = px / 8)", REQUIRED,
+                       "positive integers (pixels)", _positive),
+    "frames": Key("latent frames of video latents (B, 4, F, H, W); omitted: images", [None],
+                  "positive integers (latent frames)", _positive),
+    "batch": Key("requested batch sizes (cfg runs the model at twice this)", [1],
+                 "positive integers", _positive),
+    "dtype": Key("model and input dtype", ["float32"], ", ".join(DTYPES),
+                 lambda v: v in DTYPES),
+    "backend": Key("attention backend", ["sdpa"], ", ".join(BACKENDS), lambda v: v in BACKENDS),
+    "mode": Key("forward (no_grad), cfg (guided: batch doubled) or train (forward, MSE, "
+                "backward, AdamW step)", ["forward"], ", ".join(MODES), lambda v: v in MODES),
+    "measure": Key("which rows each case gets", ["latency"], ", ".join(MEASUREMENTS),
+                   lambda v: v in MEASUREMENTS),
+    "compile": Key("torch.compile the model (latency rows; compile time in compile_s)", [False],
+                   "true, false", lambda v: isinstance(v, bool)),
+    "cuda_graphs": Key("replay the step as a CUDA graph (latency rows on cuda)", [False],
+                       "true, false", lambda v: isinstance(v, bool)),
+    "device": Key("where cases run (cuda: the current GPU, chosen by CUDA_VISIBLE_DEVICES)",
+                  "cpu", "cpu, cuda", lambda v: v in latency.DEVICES, many=False),
+    "repeats": Key("timed steps per latency row", 10, "a positive integer", _positive,
+                   many=False),
+    "warmup": Key("untimed steps before them", 2, "a non-negative integer",
+                  lambda v: is_int(v) and v >= 0, many=False),
+    "text_tokens": Key("T5 caption tokens of text models", DEFAULT_TEXT_TOKENS,
+                       "a positive integer", _positive, many=False),
+    "overrides": Key("config fields set on every model of the grid, e.g. {depth = 2}", {},
+                     "a table of config fields", lambda v: isinstance(v, dict), many=False),
+}
+FILE_KEYS = (*KEYS, "grid")   # grid: [[grid]] tables, each a grid over the top-level defaults
+SMOKE = {"depth": 1, "hidden_size": 64, "num_heads": 4}   # `smoke`'s tiny models
+
+# the columns that name one row in a store, and the cases that share an out-of-memory limit
+KEY = ("measurement", "model", "overrides", "resolution", "latent_frames", "batch",
+       "text_tokens", "window", "mode", "dtype", "backend", "device", "compile", "cuda_graphs")
+GROUP = ("model", "overrides", "text_tokens", "mode", "dtype", "backend", "device", "compile",
+         "cuda_graphs")
+
+
+#################################################################################
+#                                Sweep files                                    #
+#################################################################################
+
+def load(path: str | Path) -> dict:
+    """A sweep file's contents; ValueError if it is missing or not TOML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"sweep file {str(path)!r} does not exist; give a TOML file such as "
+                         "bench/sweeps/cpu.toml")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"sweep file {path} is not valid TOML: {err}") from None
+
+
+def _unknown(keys: Iterable[str], allowed: Iterable[str], where: str) -> None:
+    for key in keys:
+        if key not in allowed:
+            near = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ValueError(f"{where}unknown key {key!r}{hint}; allowed keys: "
+                             f"{', '.join(allowed)}")
+
+
+def _values(key: str, value, where: str):
+    """A key's value checked, a list for list keys."""
+    spec = KEYS[key]
+    values = value if spec.many and isinstance(value, list) else [value]
+    if spec.many and not values:
+        raise ValueError(f"{where}key {key!r} is an empty list; allowed: {spec.allowed}")
+    for v in values:
+        if not spec.check(v):
+            raise ValueError(f"{where}key {key!r}: {v!r} is not allowed; allowed: "
+                             f"{spec.allowed}")
+    return values if spec.many else value
+
+
+def grids(spec: dict, source: str | None = None) -> list[dict]:
+    """The grids of a sweep file's contents, each with every key (defaults filled in) checked;
+    ValueError naming the source (a file name, say), the grid and the key otherwise."""
+    source = f"{source}: " if source else ""
+    _unknown(spec, FILE_KEYS, source)
+    tables = spec.get("grid", [{}])
+    if not isinstance(tables, list) or not tables or not all(isinstance(t, dict)
+                                                             for t in tables):
+        raise ValueError(f"{source}key 'grid' must be [[grid]] tables (an array of tables)")
+    top = {k: v for k, v in spec.items() if k != "grid"}
+    out = []
+    for number, table in enumerate(tables, 1):
+        where = source + (f"[[grid]] {number}: " if "grid" in spec else "")
+        _unknown(table, KEYS, where)
+        merged = {**top, **table}
+        grid = {}
+        for key, spec_key in KEYS.items():
+            if key in merged:
+                grid[key] = _values(key, merged[key], where)
+            elif spec_key.default is REQUIRED:
+                raise ValueError(f"{where}key {key!r} is required: {spec_key.doc}")
+            else:
+                grid[key] = spec_key.default
+        grid["where"] = where
+        out.append(grid)
+    return out
+
+
+def smoke(grids: list[dict]) -> list[dict]:
+    """The same grids on the CPU in seconds: tiny models (`SMOKE` overrides) at one small size
+    (the smallest resolution, at most 256 px; the smallest frame count, at most 4), the
+    smallest batch, one repeat, no warm-up, eager."""
+    out = []
+    for grid in grids:
+        frames = grid["frames"]
+        out.append({**grid, "device": "cpu", "repeats": 1, "warmup": 0, "compile": [False],
+                    "cuda_graphs": [False], "overrides": {**grid["overrides"], **SMOKE},
+                    "resolutions": [min(*grid["resolutions"], 256)],
+                    "frames": frames if frames == [None] else [min(*frames, 4)],
+                    "batch": [min(grid["batch"])]})
+    return out
+
+
+#################################################################################
+#                                   Jobs                                        #
+#################################################################################
+
+@dataclass(frozen=True)
+class Job:
+    """One row to make: a case and what to measure of it."""
+    measurement: str
+    case: Case
+    repeats: int
+    warmup: int
+
+    def fields(self) -> dict:
+        """The case's columns, as its row will hold them (KEY and GROUP among them)."""
+        c = self.case
+        return {"measurement": self.measurement, **c.columns(), "dtype": c.dtype,
+                "backend": c.backend, "device": device_label(c.device)}
+
+    def key(self) -> tuple:
+        fields = self.fields()
+        return tuple(fields[k] for k in KEY)
+
+    def measure(self) -> dict:
+        if self.measurement == "memory":
+            return memory.measure(self.case)
+        return latency.measure(self.case, self.repeats, self.warmup)
+
+
+def _grid_jobs(grid: dict) -> Iterator[Job]:
+    for model in grid["models"]:
+        for res in grid["resolutions"]:
+            for frames in grid["frames"]:
+                for batch in grid["batch"]:
+                    work = Workload(model, res, frames, batch, grid["text_tokens"],
+                                    overrides=grid["overrides"])
+                    yield from _setups(work, grid)
+
+
+def _setups(work: Workload, grid: dict) -> Iterator[Job]:
+    for dtype in grid["dtype"]:
+        for backend in grid["backend"]:
+            for mode in grid["mode"]:
+                for measurement in grid["measure"]:
+                    eager = measurement == "memory"
+                    for compiled in [False] if eager else grid["compile"]:
+                        for graphs in [False] if eager else grid["cuda_graphs"]:
+                            case = Case(work, mode, dtype, backend, grid["device"], compiled,
+                                        graphs)
+                            yield Job(measurement, case, grid["repeats"], grid["warmup"])
+
+
+def plan(grids: list[dict]) -> list[Job]:
+    """Every case of every grid, built (so validated) before anything runs; duplicates
+    dropped; smallest first within each group, groups in the order they first appear."""
+    jobs = {}
+    for grid in grids:
+        try:
+            for job in _grid_jobs(grid):
+                jobs.setdefault(job.key(), job)
+        except ValueError as err:
+            raise ValueError(f"{grid['where']}{err}") from None
+    first: dict[tuple, int] = {}
+    for job in jobs.values():
+        first.setdefault(_group(job.fields()), len(first))
+    return sorted(jobs.values(), key=lambda j: (first[_group(j.fields())], j.case.size))
+
+
+#################################################################################
+#                                    Runs                                       #
+#################################################################################
+
+def _group(fields: dict) -> tuple:
+    return tuple(fields.get(k) for k in GROUP)
+
+
+def _size(fields: dict) -> int:
+    return fields["tokens"] * fields["forward_batch"]
+
+
+def _describe(fields: dict) -> str:
+    return (f"the {fields['measurement']} case {fields['model']} at {fields['resolution']} px, "
+            f"{fields['latent_frames']} latent frame(s), batch {fields['batch']}")
+
+
+def _summary(row: dict) -> str:
+    if row["status"] != "ok":
+        return row["status"][:40]
+    if row["measurement"] == "memory":
+        return f"{row['peak_mib']:.0f} MiB peak"
+    return f"{row['latency_ms_median']:.4g} ms"
+
+
+def _skipped(job: Job, oom: dict) -> dict:
+    reason = (f"skipped: {_describe(oom)} ran out of memory (status oom) and this case is "
+              f"larger ({job.case.size} > {_size(oom)} tokens × forward batch)")
+    return {**latency.head(job.case, job.measurement), "status": reason}
+
+
+def run(jobs: list[Job], store: Store | None = None, progress: bool | None = None
+        ) -> Iterator[dict]:
+    """The rows of `jobs` not yet in `store`, each appended to it as it finishes (then
+    yielded). Larger cases of a group that ran out of memory (here or in an earlier run) are
+    skipped rows. `progress`: a tqdm bar (default: only when stderr is a terminal)."""
+    stored = store.rows() if store is not None else []
+    done = {tuple(row.get(k) for k in KEY) for row in stored}
+    ooms: dict[tuple, dict] = {}
+
+    def note(row: dict) -> None:
+        if row.get("status") == "oom":
+            group = _group(row)
+            if group not in ooms or _size(row) < _size(ooms[group]):
+                ooms[group] = row
+    for row in stored:
+        note(row)
+
+    todo = [job for job in jobs if job.key() not in done]
+    disable = not sys.stderr.isatty() if progress is None else not progress
+    with tqdm(total=len(todo), unit="case", disable=disable, dynamic_ncols=True) as bar:
+        for job in todo:
+            bar.set_description(f"{job.measurement} {job.case.label}")
+            oom = ooms.get(_group(job.fields()))
+            larger = oom is not None and job.case.size > _size(oom)
+            row = _skipped(job, oom) if larger else job.measure()
+            if store is not None:
+                store.append(row)
+            note(row)
+            bar.set_postfix_str(f"last: {_summary(row)}")
+            bar.update()
+            yield row
+
+
+def device_slug(jobs: list[Job]) -> str:
+    """The jobs' device label as a folder name, e.g. 'nvidia-h100-80gb-hbm3'; ValueError when
+    they span several devices."""
+    labels = {job.fields()["device"] for job in jobs}
+    if len(labels) != 1:
+        raise ValueError(f"{{device}} names one device; these cases run on "
+                         f"{len(labels)}: {', '.join(sorted(labels)) or 'none'}")
+    return re.sub(r"[^a-z0-9]+", "-", labels.pop().lower()).strip("-")
+
+
+def stored_rows(jobs: list[Job], store: Store) -> list[dict]:
+    """The latest stored row of each job, in the jobs' order (those that have one)."""
+    latest = {tuple(row.get(k) for k in KEY): row for row in store.rows()}
+    return [latest[job.key()] for job in jobs if job.key() in latest]
+
+
+def counts(rows: Iterable[dict]) -> dict[str, int]:
+    """Rows per status kind: ok, oom, skipped, error."""
+    out = dict.fromkeys(("ok", "oom", "skipped", "error"), 0)
+    for row in rows:
+        out[row["status"].split(":")[0]] += 1
+    return out
+
+
+def estimate_tflop(jobs: list[Job]) -> float:
+    """The closed-form TFLOP of every step the jobs run (warm-up included), for sizing."""
+    steps = {"latency": lambda j: j.repeats + j.warmup, "memory": lambda j: 2}
+    return sum(latency.costs(j.case)["step_gflops"] * steps[j.measurement](j)
+               for j in jobs) / 1e3
