@@ -15,10 +15,10 @@ A measurement (`measure`): build the model in the case's dtype on its device wit
 backend, draw its inputs (ptdit.example_inputs, seed 0); with `compile` (torch.compile of each
 transformer block, `_compile`), time the first call — compilation plus one step — alone, as
 `compile_s`; with `cuda_graphs`, capture one step into a CUDA graph (after three steps on a side
-stream) and time its replays; then `warmup` untimed steps, then `repeats` timed ones. The CPU timer reads time.perf_counter around
-each step (torch's intra-op thread count is in `threads` and in `device`); the CUDA timer records
-a pair of CUDA events around each step, synchronising before and after it, and reads their
-elapsed time. Compilation is never inside a latency figure.
+stream) and time its replays; then `warmup` untimed steps, then `repeats` timed ones. The CPU
+timer reads time.perf_counter around each step (torch's intra-op thread count is in `threads`
+and in `device`); the CUDA timer records a pair of CUDA events around each step, synchronising
+before and after it, and reads their elapsed time. Compilation is never inside a latency figure.
 
 Every CUDA call sits in one of the small `_cuda_*` functions, so tests can replace them with
 fakes and run the CUDA code paths on a CPU; a CUDA case where CUDA is not available is refused
@@ -120,9 +120,10 @@ def synchronize(device: str) -> None:
 
 
 def release(device: str) -> None:
-    """Frees what a finished case left: garbage, and CUDA's cached blocks."""
-    gc.collect()
+    """On CUDA, frees what a finished case left for the next: garbage, then the cached blocks
+    (on the CPU, reference counting already returned the memory)."""
     if device == "cuda":
+        gc.collect()
         _cuda_empty_cache()
 
 
@@ -214,9 +215,10 @@ def prepare(case: Case) -> Step:
     set_backend(model, case.backend)
     inputs = example_inputs(model, work, generator=torch.Generator().manual_seed(0))
     if case.mode == "train":
-        return _train_step(model, inputs, work, capturable=case.cuda_graphs,
-                           compiled=case.compile)
+        model.train()        # before compiling: dynamo's graphs are specialised to the mode
     forward = _compile(model) if case.compile else model
+    if case.mode == "train":
+        return _train_step(model, forward, inputs, capturable=case.cuda_graphs)
 
     def step() -> None:
         with torch.no_grad():
@@ -224,17 +226,14 @@ def prepare(case: Case) -> Step:
     return step
 
 
-def _train_step(model: nn.Module, inputs: dict, work: Workload, capturable: bool,
-                compiled: bool) -> Step:
-    """One optimisation step: MSE of the output against a fixed N(0, 1) target, AdamW
-    (capturable for CUDA graphs)."""
-    model.train()
+def _train_step(model: nn.Module, forward: Callable, inputs: dict, capturable: bool) -> Step:
+    """One optimisation step of `model` (run as `forward`, e.g. compiled): MSE of the output
+    against a fixed N(0, 1) target, AdamW (capturable for CUDA graphs)."""
     x = inputs["x"]
     out_dims = (x.shape[0], model.config.out_channels, *x.shape[2:])   # (B, 2C, [F,] H, W)
     target = torch.randn(out_dims, generator=torch.Generator().manual_seed(1)).to(x)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, capturable=capturable)
-    forward = _compile(model) if compiled else model
 
     def step() -> None:
         F.mse_loss(forward(**inputs), target).backward()

@@ -29,12 +29,12 @@ MAC-op output as the math backend materialises them), less its `attn_scores_mib`
 backend, whose fused kernels never store the score matrices; for train, `predicted_state_mib`
 adds the gradients (trainable parameters × element size; AdamW's moments, made by the warm-up
 step, are in the baseline). `measured_over_predicted` = peak_mib / (activation + state). A
-forward under no_grad frees activations as it goes (at real sizes its ratio is well below 1); a
-train step holds them for backward, plus elementwise intermediates the closed form omits.
+forward under no_grad frees each block's activations as it goes, so its ratio falls with depth
+(about 1 at depth 1); a train step holds them all for backward, with elementwise intermediates
+the closed form omits (about 1.5 on the CPU sweep).
 """
 
 import ctypes
-import ctypes.util
 import functools
 import gc
 import multiprocessing
@@ -104,9 +104,8 @@ def _status_kib(field: str) -> int:
 
 def _trim_heap() -> None:
     """Hands glibc's free heap pages back to the kernel (no-op without glibc)."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is not None and hasattr(libc, "malloc_trim"):
+    libc = ctypes.CDLL(None)          # the symbols the process has loaded, libc's among them
+    if hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
 
 
@@ -149,7 +148,9 @@ def _child(case: Case, factory, threads: int, conn) -> None:
 @functools.cache
 def _forkserver():
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["bench.memory"])
+    # torch._dynamo too: building a model imports it (torch.compiler.disable in ptdit.layers),
+    # which would cost every child seconds
+    context.set_forkserver_preload(["bench.memory", "torch._dynamo"])
     return context
 
 

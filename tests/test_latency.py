@@ -78,16 +78,26 @@ def test_cfg_counts_the_doubled_batch_and_train_three_forwards():
 @pytest.mark.parametrize("model", MODELS)
 def test_train_step_updates_the_weights_against_a_target_of_the_output_shape(model):
     work = tiny(model, frames=4).work
-    net = ptdit.build(work.config)
+    net = ptdit.build(work.config).train()
     inputs = example_inputs(net, work)
-    step = latency._train_step(net, inputs, work, capturable=False, compiled=False)
+    step = latency._train_step(net, net, inputs, capturable=False)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("error")      # mse_loss warns when it broadcasts shapes
         step()
-    assert net.training
     changed = [n for n, p in net.named_parameters() if not torch.equal(p, before[n])]
     assert changed and all(p.grad is None for p in net.parameters())   # freed with the step
+
+
+def test_train_mode_builds_a_model_in_training_mode(monkeypatch):
+    seen, real = {}, latency._train_step
+
+    def spy(model, forward, inputs, capturable):
+        seen["training"], seen["capturable"] = model.training, capturable
+        return real(model, forward, inputs, capturable)
+    monkeypatch.setattr(latency, "_train_step", spy)
+    latency.prepare(tiny(mode="train"))
+    assert seen == {"training": True, "capturable": False}
 
 
 def test_compilation_is_timed_apart_from_the_latency(monkeypatch):

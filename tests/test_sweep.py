@@ -100,7 +100,7 @@ def test_plan_orders_by_size_drops_duplicates_and_keeps_memory_eager(tmp_path):
 #################################################################################
 
 KILL_SWEEP = TINY + """models = ["DiT-S/2", "PT-DiT/XL"]
-resolutions = [128, 256]
+resolutions = [128]
 batch = [1, 2]
 mode = ["forward", "cfg"]
 repeats = 40
@@ -110,21 +110,27 @@ text_tokens = 8
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX only")
-def test_a_sweep_killed_midway_and_restarted_has_one_row_per_case(tmp_path):
+def test_a_sweep_interrupted_then_killed_midway_and_restarted_has_one_row_per_case(tmp_path):
     (tmp_path / "kill.toml").write_text(KILL_SWEEP)
     jobs = grid_of(KILL_SWEEP, tmp_path)      # planned on one thread, as the child runs
     store = Store(tmp_path / "rows.jsonl")
     command = [sys.executable, "-m", "ptdit.cli", "sweep", str(tmp_path / "kill.toml"),
                "--out", str(store.path), "--threads", "1"]
-    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 40
-    while child.poll() is None and len(store) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-    killed_at = len(store)
-    assert 3 <= killed_at < len(jobs), "the sweep was not killed mid-way"
+
+    def stop_after(rows: int, sig: signal.Signals) -> tuple[int, str]:
+        """Runs the sweep until the store holds `rows` rows, then sends `sig`."""
+        child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 40
+        while child.poll() is None and len(store) < rows and time.monotonic() < deadline:
+            time.sleep(0.01)
+        child.send_signal(sig)
+        child.wait(timeout=30)
+        assert rows <= len(store) < len(jobs), f"the sweep was not stopped mid-way by {sig!r}"
+        return child.returncode, child.stderr.read()
+    code, err = stop_after(2, signal.SIGINT)               # Ctrl-C
+    assert code == 130 and "run the same command again to resume" in err
+    assert stop_after(len(store) + 2, signal.SIGKILL)[0] == -signal.SIGKILL
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=60)
     rows = store.rows()
     assert keys(rows) == collections.Counter(j.key() for j in jobs)      # each exactly once
@@ -327,5 +333,5 @@ def test_the_new_commands_help_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", HELP], capture_output=True, text=True,
                          check=True, cwd=ROOT).stdout
     modules = out.splitlines()[-1].split()
-    heavy = ("bench", "pandas", "tqdm", "matplotlib", "torch._dynamo", "fvcore")
+    heavy = ("bench", "pandas", "matplotlib", "torch._dynamo", "fvcore")
     assert [m for m in modules if m.startswith(heavy)] == []
