@@ -44,6 +44,11 @@ MEMORY = ("memory_method", "peak_mib", "reserved_mib", "baseline_mib", "predicte
           "measured_over_predicted")
 KEY = ("model",) + CASE + VARIANT + ("tokens", "forward_batch", "threads")
 COLUMNS = ("measurement", "status") + KEY + PROVENANCE + LATENCY + MEMORY
+PROFILE_CATEGORIES = ("gemm", "attention", "layout", "norm", "elementwise", "optimizer", "other",
+                      "untraced")   # bench.profile.CATEGORIES
+PROFILE_COLUMNS = ("model", *CASE, *VARIANT, "tokens", "threads", "step_ms",
+                   *[f"{c}_share" for c in PROFILE_CATEGORIES], "gemm_tflops",
+                   "attention_tflops")
 NO_SAVING = "no saving predicted"
 NO_MACS = "no total_gmacs in a row"
 
@@ -352,6 +357,16 @@ def markdown(frame: pd.DataFrame, speedup: pd.DataFrame, plots: dict[str, bool])
     out += ["## Memory", "", "`measured_over_predicted` as the harness wrote it (measured over "
             "predicted activation MiB, by `memory_method`).", "",
             *_by_setup(memory, lambda g: _memory_table(g, vary))]
+    profiled = profiles(frame)
+    if len(profiled):
+        out += ["## Where the time goes (torch.profiler)", "",
+                "`bench.profile`: each operator's self time per step, by category (`gemm`: "
+                "linear layers and the patch conv; `attention`: attention kernels; `layout`: "
+                "copies and gathers; `untraced`: outside any operator), as a share of the "
+                "profiled step (`step_ms`, inflated a little by the profiler); `gemm_tflops` "
+                "and `attention_tflops`: the closed form's linear and attention MACs of the "
+                "step over the time of that category.", "",
+                *_by_setup(profiled, lambda g: _profile_table(g, vary))]
     out += ["## Plots", "", *[f"- `{name}`" if drawn else
                               f"- `{name}`: skipped, no rows for it (needs {PLOTS[name][2]})"
                               for name, drawn in plots.items()], ""]
@@ -360,6 +375,36 @@ def markdown(frame: pd.DataFrame, speedup: pd.DataFrame, plots: dict[str, bool])
             _table(failed, ["measurement", *SETUP, "model", *SHAPE, *vary, "status"], {})
             if len(failed) else "None: every row is ok.", ""]
     return "\n".join(out)
+
+
+def profiles(frame: pd.DataFrame) -> pd.DataFrame:
+    """The `bench.profile` category rows of `frame`, one line per profiled case (the latest):
+    each category's share of the step, and the achieved TFLOP/s of its GEMMs and attention."""
+    if "measurement" not in frame or "level" not in frame:
+        return pd.DataFrame(columns=PROFILE_COLUMNS)
+    rows = frame[(frame.measurement == "profile") & (frame.status == "ok")
+                 & (frame.level == "category")].copy()
+    if rows.empty:
+        return pd.DataFrame(columns=PROFILE_COLUMNS)
+    rows["overrides"] = rows.overrides.map(_overrides).astype(object)
+    rows["window"] = rows.window.map(_hashable).astype(object)
+    case = [c for c in ("model", *CASE, *VARIANT, "tokens", "threads") if c in rows]
+    rows = rows.sort_values("time_utc", kind="stable").drop_duplicates(case + ["name"],
+                                                                       keep="last")
+    share = rows.pivot_table(index=case, columns="name", values="share", dropna=False)
+    rate = rows[rows.name.isin(["gemm", "attention"])].pivot_table(
+        index=case, columns="name", values="achieved_tflops", dropna=False)
+    step = rows.groupby(case, dropna=False).step_ms.first()
+    out = share.add_suffix("_share").join(rate.add_suffix("_tflops")).join(step).reset_index()
+    return out.reindex(columns=[c for c in PROFILE_COLUMNS if c in out or c in case])
+
+
+def _profile_table(rows: pd.DataFrame, vary: list[str]) -> str:
+    columns = ["model", *SHAPE, *vary, "tokens", "step_ms",
+               *[f"{c}_share" for c in PROFILE_CATEGORIES], "gemm_tflops", "attention_tflops"]
+    formats = {c: _ratio for c in columns if c.endswith("_share")}
+    return _table(rows, columns, formats | {c: _num for c in ("step_ms", "gemm_tflops",
+                                                              "attention_tflops")})
 
 
 def _speedup_table(rows: pd.DataFrame, vary: list[str]) -> str:
@@ -401,9 +446,12 @@ def write_report(frame: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = {"speedups": speedups(frame),
               "latency": measured(frame, "latency")[list(KEY + LATENCY + PROVENANCE)],
-              "memory": measured(frame, "memory")[list(KEY + MEMORY + PROVENANCE)]}
+              "memory": measured(frame, "memory")[list(KEY + MEMORY + PROVENANCE)],
+              "profile": profiles(frame)}
     written = {}
     for name, table in tables.items():
+        if name == "profile" and table.empty:
+            continue
         written[f"{name}.csv"] = out_dir / f"{name}.csv"
         table.to_csv(written[f"{name}.csv"], index=False)
     drawn = {}

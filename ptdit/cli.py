@@ -9,7 +9,7 @@
                 [--backend sdpa|math] [--dtype float32|bfloat16|float16|float64] [--format ...]
                 [--store PATH]
     ptdit reproduce [--out DIR]
-    ptdit bench latency|memory --model M [M ...] --resolution R [R ...] [--frames F ...]
+    ptdit bench latency|memory|profile --model M [M ...] --resolution R [R ...] [--frames F ...]
                 [--batch B ...] [--dtype D ...] [--mode forward|cfg|train ...] [--device cpu|cuda]
                 [--backend sdpa|math ...] [--repeats N] [--warmup N] [--compile] [--cuda-graphs]
                 [--text-tokens L] [--override FIELD=VALUE ...] [--threads N] [--format ...]
@@ -161,15 +161,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from bench.sweep import grids, plan, run, stored_rows
 
     _set_threads(args.threads)
-
+    profiling = args.measurement == "profile"
     spec = {"models": args.model, "resolutions": args.resolution, "batch": args.batch,
             "dtype": args.dtype, "mode": args.mode, "backend": args.backend,
-            "measure": args.measurement, "device": args.device, "repeats": args.repeats,
+            "measure": "latency" if profiling else args.measurement, "device": args.device,
+            "repeats": args.repeats,
             "warmup": args.warmup, "compile": args.compile, "cuda_graphs": args.cuda_graphs,
             "text_tokens": args.text_tokens, "overrides": dict(args.override)}
     if args.frames:
         spec["frames"] = args.frames
     jobs = plan(grids(spec))
+    if profiling:
+        return _profile(jobs, args)
     if args.store is None:
         rows = list(run(jobs))
     else:
@@ -178,6 +181,30 @@ def cmd_bench(args: argparse.Namespace) -> int:
             pass
         rows = stored_rows(jobs, store)   # a resumed run shows the earlier rows too
     print(_runtime_table(rows, args.format))
+    return 0 if all(row["status"] == "ok" for row in rows) else 1
+
+
+def _profile(jobs: list, args: argparse.Namespace) -> int:
+    """`ptdit bench profile`: bench.profile's rows of each case (to --store as they finish;
+    cases already profiled there are not profiled again), then the category rows printed."""
+    from bench.profile import profile
+    from bench.store import Store
+    from bench.sweep import KEY
+
+    store = Store(args.store) if args.store else None
+    done = store.done(KEY) if store is not None else set()
+    rows = []
+    for job in jobs:
+        key = ("profile", *job.key()[1:])
+        stored = [r for r in store.rows() if tuple(r.get(k) for k in KEY) == key] if key in done \
+            else []
+        new = stored or profile(job.case, steps=args.repeats, warmup=args.warmup)
+        if store is not None and not stored:
+            for row in new:
+                store.append(row)
+        rows += new
+    shown = [r for r in rows if r.get("level", "category") == "category"]
+    print(_runtime_table(shown, args.format))
     return 0 if all(row["status"] == "ok" for row in rows) else 1
 
 
@@ -323,8 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
         "torch.compile's time apart in compile_s, the closed-form MACs of the step and "
         "achieved_tflops by the row's flop_model (FLOPs = 2 × MACs; train ≈ 3 × forward). "
         "Memory: peak MiB of one step above what was held before it (CPU: a fresh process, "
-        "its peak RSS; CUDA: max_memory_allocated), beside the closed-form activation MiB.")
-    p.add_argument("measurement", choices=("latency", "memory"))
+        "its peak RSS; CUDA: max_memory_allocated), beside the closed-form activation MiB. "
+        "Profile: torch.profiler over --repeats steps, each operator's self time by category "
+        "(gemm, attention, layout, norm, elementwise, …) with the achieved TFLOP/s of the "
+        "GEMMs and of attention (bench.profile).")
+    p.add_argument("measurement", choices=("latency", "memory", "profile"))
     p.add_argument("--model", nargs="+", required=True, metavar="M",
                    help="model name(s), see `ptdit models`")
     p.add_argument("--resolution", nargs="+", type=int, required=True, metavar="R",

@@ -66,6 +66,15 @@ class Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and least disturbed by other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed():
     """Fresh random draws on every run; the seed is printed so a failure can be replayed."""

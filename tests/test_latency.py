@@ -26,13 +26,7 @@ LATENCY_COLUMNS = ("measurement", "mode", "forward_batch", "threads", "compile",
                    "flop_model", "step_gflops", "achieved_tflops")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and least disturbed by other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(model: str = "PT-DiT/XL", resolution: int = 128, frames=None, batch: int = 1,

@@ -24,13 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = 'overrides = { depth = 1, hidden_size = 64, num_heads = 4 }\n'
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and least disturbed by other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def grid_of(text: str, tmp_path: Path) -> list[sweep.Job]:
