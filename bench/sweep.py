@@ -1,4 +1,4 @@
-"""Sweeps: a grid of latency and memory cases from a TOML file (or flags), measured one by one
+"""Sweeps: a grid of latency, memory and profile cases from a TOML file (or flags), measured one by one
 into a results store that survives crashes and resumes.
 
     spec = load("bench/sweeps/cpu.toml")
@@ -39,12 +39,12 @@ from ptdit.attention import BACKENDS
 from ptdit.checks import is_int
 from ptdit.workload import DEFAULT_TEXT_TOKENS
 
-from . import latency, memory
+from . import latency, memory, profile
 from .latency import DTYPES, MODES, Case
 from .rows import device_label
 from .store import Store
 
-MEASUREMENTS = ("latency", "memory")
+MEASUREMENTS = ("latency", "memory", "profile")
 REQUIRED = object()
 
 
@@ -206,10 +206,13 @@ class Job:
         fields = self.fields()
         return tuple(fields[k] for k in KEY)
 
-    def measure(self) -> dict:
+    def measure(self) -> list[dict]:
+        """The job's rows: one, or a profile's category and operator rows."""
         if self.measurement == "memory":
-            return memory.measure(self.case)
-        return latency.measure(self.case, self.repeats, self.warmup)
+            return [memory.measure(self.case)]
+        if self.measurement == "profile":
+            return profile.profile(self.case, steps=self.repeats, warmup=self.warmup)
+        return [latency.measure(self.case, self.repeats, self.warmup)]
 
 
 def _grid_jobs(grid: dict) -> Iterator[Job]:
@@ -273,6 +276,8 @@ def _summary(row: dict) -> str:
         return row["status"][:40]
     if row["measurement"] == "memory":
         return f"{row['peak_mib']:.0f} MiB peak"
+    if row["measurement"] == "profile":
+        return f"{row['step_ms']:.4g} ms profiled"
     return f"{row['latency_ms_median']:.4g} ms"
 
 
@@ -306,13 +311,14 @@ def run(jobs: list[Job], store: Store | None = None, progress: bool | None = Non
             bar.set_description(f"{job.measurement} {job.case.label}")
             oom = ooms.get(_group(job.fields()))
             larger = oom is not None and job.case.size > _size(oom)
-            row = _skipped(job, oom) if larger else job.measure()
-            if store is not None:
-                store.append(row)
-            note(row)
-            bar.set_postfix_str(f"last: {_summary(row)}")
+            rows = [_skipped(job, oom)] if larger else job.measure()
+            for row in rows:
+                if store is not None:
+                    store.append(row)
+                note(row)
+            bar.set_postfix_str(f"last: {_summary(rows[0])}")
             bar.update()
-            yield row
+            yield from rows
 
 
 def device_slug(jobs: list[Job]) -> str:
@@ -326,9 +332,18 @@ def device_slug(jobs: list[Job]) -> str:
 
 
 def stored_rows(jobs: list[Job], store: Store) -> list[dict]:
-    """The latest stored row of each job, in the jobs' order (those that have one)."""
-    latest = {tuple(row.get(k) for k in KEY): row for row in store.rows()}
-    return [latest[job.key()] for job in jobs if job.key() in latest]
+    """The latest stored rows of each job, in the jobs' order (those that have any): one row,
+    or the category and operator rows of its latest profile."""
+    latest: dict[tuple, list[dict]] = {}
+    for row in store.rows():
+        key = tuple(row.get(k) for k in KEY)
+        one_profile = (row.get("level") and key in latest
+                       and latest[key][-1].get("time_utc") == row.get("time_utc"))
+        if one_profile:
+            latest[key].append(row)
+        else:
+            latest[key] = [row]
+    return [row for job in jobs for row in latest.get(job.key(), [])]
 
 
 def counts(rows: Iterable[dict]) -> dict[str, int]:
@@ -341,6 +356,7 @@ def counts(rows: Iterable[dict]) -> dict[str, int]:
 
 def estimate_tflop(jobs: list[Job]) -> float:
     """The closed-form TFLOP of every step the jobs run (warm-up included), for sizing."""
-    steps = {"latency": lambda j: j.repeats + j.warmup, "memory": lambda j: 2}
+    steps = {"latency": lambda j: j.repeats + j.warmup, "memory": lambda j: 2,
+             "profile": lambda j: j.repeats + j.warmup}
     return sum(latency.costs(j.case)["step_gflops"] * steps[j.measurement](j)
                for j in jobs) / 1e3

@@ -161,18 +161,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from bench.sweep import grids, plan, run, stored_rows
 
     _set_threads(args.threads)
-    profiling = args.measurement == "profile"
     spec = {"models": args.model, "resolutions": args.resolution, "batch": args.batch,
             "dtype": args.dtype, "mode": args.mode, "backend": args.backend,
-            "measure": "latency" if profiling else args.measurement, "device": args.device,
-            "repeats": args.repeats,
+            "measure": args.measurement, "device": args.device, "repeats": args.repeats,
             "warmup": args.warmup, "compile": args.compile, "cuda_graphs": args.cuda_graphs,
             "text_tokens": args.text_tokens, "overrides": dict(args.override)}
     if args.frames:
         spec["frames"] = args.frames
     jobs = plan(grids(spec))
-    if profiling:
-        return _profile(jobs, args)
     if args.store is None:
         rows = list(run(jobs))
     else:
@@ -180,30 +176,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for _ in run(jobs, store):
             pass
         rows = stored_rows(jobs, store)   # a resumed run shows the earlier rows too
-    print(_runtime_table(rows, args.format))
-    return 0 if all(row["status"] == "ok" for row in rows) else 1
-
-
-def _profile(jobs: list, args: argparse.Namespace) -> int:
-    """`ptdit bench profile`: bench.profile's rows of each case (to --store as they finish;
-    cases already profiled there are not profiled again), then the category rows printed."""
-    from bench.profile import profile
-    from bench.store import Store
-    from bench.sweep import KEY
-
-    store = Store(args.store) if args.store else None
-    done = store.done(KEY) if store is not None else set()
-    rows = []
-    for job in jobs:
-        key = ("profile", *job.key()[1:])
-        stored = [r for r in store.rows() if tuple(r.get(k) for k in KEY) == key] if key in done \
-            else []
-        new = stored or profile(job.case, steps=args.repeats, warmup=args.warmup)
-        if store is not None and not stored:
-            for row in new:
-                store.append(row)
-        rows += new
-    shown = [r for r in rows if r.get("level", "category") == "category"]
+    shown = [row for row in rows if row.get("level") != "op"]   # a profile's categories
     print(_runtime_table(shown, args.format))
     return 0 if all(row["status"] == "ok" for row in rows) else 1
 

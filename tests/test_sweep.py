@@ -191,6 +191,18 @@ def test_memory_rows_share_the_oom_limit(tmp_path, monkeypatch):
     assert ("memory", 512, "skipped:") in statuses and ("latency", 512, "skipped:") in statuses
 
 
+def test_a_profile_job_stores_its_rows_once_and_a_rerun_reads_them_back(tmp_path):
+    jobs = grid_of('models = ["DiT-S/2"]\nresolutions = [128]\nmeasure = "profile"\n'
+                   'repeats = 1\nwarmup = 0\n' + TINY, tmp_path)
+    store = Store(tmp_path / "s.jsonl")
+    rows = list(sweep.run(jobs, store))
+    assert {r["level"] for r in rows} == {"category", "op"} and len(store) == len(rows)
+    for row in rows:
+        check_row(row)
+    assert list(sweep.run(jobs, store)) == []                      # done: nothing profiled
+    assert sweep.stored_rows(jobs, store) == store.rows()          # one run: all its rows
+
+
 #################################################################################
 #                         Shipped sweep files                                   #
 #################################################################################
@@ -201,7 +213,7 @@ def test_the_cpu_sweep_measures_the_reports_pairs_at_one_depth():
     assert {f["device"].split()[0] for f in fields} == {"cpu"}
     assert {f["dtype"] for f in fields} == {"float32"}
     assert {f["mode"] for f in fields} == {"forward", "cfg", "train"}
-    assert {f["measurement"] for f in fields} == {"latency", "memory"}
+    assert {f["measurement"] for f in fields} == {"latency", "memory", "profile"}
     assert max(f["latent_frames"] for f in fields) == 16
     assert {f["resolution"] for f in fields} == {256, 512, 1024}
     assert {"DiT-S/2", "DiT-B/2"} <= {f["model"] for f in fields}
