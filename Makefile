@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean bench bench-compare baseline
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,26 @@ demo: $(STAMP)
 	$(BIN)/ptdit reproduce
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests bench/regression/test_exact.py $(PYTEST_ARGS)
+	@if [ "$$CI" = true ]; then $(MAKE) --no-print-directory bench-compare PYTEST_ARGS=; fi
+
+# Regression gates (docs/regression.md). `bench`: the speed benchmarks, reported against
+# bench/regression/baselines/speed-<device>.json, history saved under .benchmarks/;
+# `bench-compare`: the same, failing on a confirmed regression; `baseline`: re-records the exact
+# counts and this machine's speed ratios (then commit bench/regression/baselines/).
+BENCH := HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q bench/regression/test_speed.py \
+	--benchmark-autosave --benchmark-storage=.benchmarks --benchmark-save-data \
+	--benchmark-columns=median,iqr,rounds --benchmark-sort=name
+
+bench: $(STAMP)
+	$(BENCH) $(PYTEST_ARGS)
+
+bench-compare: $(STAMP)
+	$(BENCH) --speed-gate $(PYTEST_ARGS)
+
+baseline: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q bench/regression/test_exact.py \
+		bench/regression/test_speed.py --update-baseline $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
