@@ -16,6 +16,15 @@
                 [--store PATH]
     ptdit sweep FILE.toml --out STORE.jsonl [--dry-run] [--smoke] [--report DIR] [--threads N]
     ptdit report STORE.jsonl --out DIR
+    ptdit sample --model NAME [--checkpoint PATH] --vae DIR --resolution R [--frames F]
+                 (--class-labels SPEC | --prompt-embeddings FILE | --prompts FILE --t5 DIR)
+                 --num N --out DIR [--start I] [--scheduler ddpm|dpm|flow] [--steps N]
+                 [--cfg-scale S] [--guidance-channels 3|all] [--seed S] [--batch-size B]
+                 [--device D] [--dtype D] [--npz] [--store PATH] [--override FIELD=VALUE ...]
+    ptdit fid SAMPLES REF [--inception-weights PATH] [--antialias] [--batch-size B]
+              [--cache-dir DIR] [--device D] [--store PATH]
+    ptdit clip-score SAMPLES CAPTIONS [--clip-weights PATH] [--batch-size B] [--device D]
+                     [--store PATH]
 """
 
 import argparse
@@ -236,6 +245,118 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if tally["error"] else 0
 
 
+#################################################################################
+#                                  Quality                                      #
+#################################################################################
+
+def _sample_model(args: argparse.Namespace):
+    import ptdit
+
+    overrides = dict(args.override)
+    if args.checkpoint is None:
+        return ptdit.build(args.model, **overrides)
+    if overrides:
+        raise ValueError("--override changes a model's layers, so it cannot apply to "
+                         f"--checkpoint {args.checkpoint}; drop one of them")
+    return ptdit.load(args.checkpoint, name=args.model)
+
+
+def _sample_conditions(args: argparse.Namespace, model):
+    from analysis import conditions
+
+    given = [f for f in ("class_labels", "prompt_embeddings", "prompts")
+             if getattr(args, f) is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one of --class-labels, --prompt-embeddings or --prompts "
+                         f"(with --t5); got {len(given) or 'none'}")
+    if args.class_labels is not None:
+        return conditions.class_conditions(args.class_labels)
+    if args.prompt_embeddings is not None:
+        return conditions.prompt_embeddings(args.prompt_embeddings)
+    return conditions.encode_prompts(args.prompts, args.t5, conditions.text_tokens(model),
+                                     device=args.device)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from analysis.offline import VAE, go_offline
+
+    go_offline()
+    VAE.path(args.vae)       # a missing folder fails in a moment, before the heavy imports
+    from analysis.sampling import load_vae, sample
+
+    if len(args.resolution) > 2:
+        raise ValueError(f"--resolution takes a side or height width in pixels, got "
+                         f"{len(args.resolution)} numbers")
+    resolution = args.resolution[0] if len(args.resolution) == 1 else tuple(args.resolution)
+    vae = load_vae(args.vae)            # a missing folder fails before the model is built
+    model = _sample_model(args)
+    row = sample(model, vae=vae, conditions=_sample_conditions(args, model), num=args.num,
+                 out=args.out, resolution=resolution, scheduler=args.scheduler,
+                 steps=args.steps, cfg_scale=args.cfg_scale,
+                 guidance_channels=args.guidance_channels, seed=args.seed, start=args.start,
+                 batch_size=args.batch_size, frames=args.frames, device=args.device,
+                 dtype=args.dtype, write_npz=args.npz, store=args.store,
+                 checkpoint=args.checkpoint)
+    _print_row(row)
+    return 0 if row["status"] == "ok" else 1
+
+
+def _metric_store(args: argparse.Namespace):
+    from pathlib import Path
+
+    from bench.store import Store
+
+    if args.store is not None:
+        return Store(args.store)
+    samples = Path(args.samples)
+    return Store(samples / "metrics.jsonl" if samples.is_dir()
+                 else samples.with_name(samples.name + ".metrics.jsonl"))
+
+
+def _print_row(row: dict, store=None) -> None:
+    width = max(map(len, row))
+    for name, value in row.items():
+        print(f"{name:<{width}}  {value}")
+    if store is not None:
+        print(f"{'(stored in)':<{width}}  {store.path}")
+
+
+def _metric(args: argparse.Namespace, compute) -> int:
+    from analysis.images import shard
+    from analysis.offline import go_offline
+
+    go_offline()
+    store = _metric_store(args)
+    row = compute()
+    if shard()[0] == 0:                      # under torchrun, rank 0 reports for all
+        store.append(row)
+        _print_row(row, store)
+    return 0
+
+
+def cmd_fid(args: argparse.Namespace) -> int:
+    from analysis.offline import INCEPTION
+
+    INCEPTION.path(args.inception_weights)   # fails in a moment, before the heavy imports
+    from analysis.metrics.fid import fid
+
+    return _metric(args, lambda: fid(
+        args.samples, args.reference, inception_weights=args.inception_weights,
+        batch_size=args.batch_size, device=args.device, antialias=args.antialias,
+        cache_dir=args.cache_dir))
+
+
+def cmd_clip_score(args: argparse.Namespace) -> int:
+    from analysis.offline import CLIP
+
+    CLIP.path(args.clip_weights)             # fails in a moment, before the heavy imports
+    from analysis.metrics.clip_score import clip_score
+
+    return _metric(args, lambda: clip_score(
+        args.samples, args.captions, clip_weights=args.clip_weights,
+        batch_size=args.batch_size, device=args.device))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ptdit", description="PT-DiT, DiT and PixArt-alpha: models, cost and analysis.")
@@ -397,7 +518,104 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store", metavar="STORE.jsonl", help="a results store (ptdit sweep --out)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=cmd_report)
+
+    _quality_parsers(sub)
     return parser
+
+
+def _quality_parsers(sub) -> None:
+    p = sub.add_parser(
+        "sample", help="generate images (or video frames) with a real scheduler and VAE, "
+        "resumable, sharded under torchrun",
+        description="Samples indices START..START+NUM-1 of NAME (random weights unless "
+        "--checkpoint) into OUT/{index:06d}.png, skipping finished ones: the seed of sample i "
+        "derives from --seed and i, so any shard or restart reproduces it. Schedulers: ddpm "
+        "(DiT: IDDPM-respaced, 250 steps, learned variance), dpm (PixArt-α: DPM-Solver++, 20), "
+        "flow (PT-DiT: rectified-flow Euler, 30); the family's by default. Under `torchrun "
+        "--nproc_per_node N ptdit sample …` the indices are shared among the ranks. Nothing "
+        "downloads: the VAE and T5 come from local folders.")
+    p.add_argument("--model", required=True, metavar="NAME", help="registry name (`ptdit "
+                   "models`); with --checkpoint, the checkpoint must hold its layers")
+    p.add_argument("--checkpoint", metavar="PATH", help="weights in any format ptdit.load "
+                   "reads (default: random weights, recorded as 'untrained')")
+    p.add_argument("--vae", metavar="DIR", help="a diffusers AutoencoderKL folder (default "
+                   "$PTDIT_VAE)")
+    p.add_argument("--resolution", type=int, nargs="+", required=True, metavar="PX",
+                   help="image side, or height width, in pixels")
+    p.add_argument("--frames", type=int, metavar="F", help="latent frames (video models)")
+    p.add_argument("--class-labels", metavar="SPEC", help='"1,2,3", "0-999", "0,5-9" or a '
+                   "file of one label per line; sample i takes label i mod N")
+    p.add_argument("--prompt-embeddings", metavar="FILE", help=".safetensors/.pt with "
+                   "`embeddings` (N, L, C) and `mask` (N, L) T5 features")
+    p.add_argument("--prompts", metavar="FILE", help="a text file, one prompt a line, "
+                   "encoded by the T5 of --t5")
+    p.add_argument("--t5", metavar="DIR", help="a transformers T5EncoderModel folder with "
+                   "its tokenizer (default $PTDIT_T5)")
+    p.add_argument("--num", type=int, required=True, metavar="N", help="samples to make")
+    p.add_argument("--start", type=int, default=0, metavar="I", help="first index (default 0)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--scheduler", choices=("ddpm", "dpm", "flow"),
+                   help="default: the model family's")
+    p.add_argument("--steps", type=int, metavar="N", help="default: the scheduler's release "
+                   "(ddpm 250, dpm 20, flow 30)")
+    p.add_argument("--cfg-scale", type=float, metavar="S", help="guidance scale (1: "
+                   "unguided; default: the family's)")
+    p.add_argument("--guidance-channels", choices=("3", "all"), help="3: DiT's official "
+                   "guidance of the first 3 latent channels; all: every channel")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, metavar="B",
+                   help="samples per forward (twice the rows when guided; default 16)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument("--npz", action="store_true", help="also write OUT/samples.npz (arr_0 "
+                   "uint8 NHWC, ADM's format) at the end")
+    p.add_argument("--store", metavar="PATH", help="results store for the run's row "
+                   "(default OUT/samples.jsonl)")
+    p.add_argument("--override", nargs="+", type=_override, action="extend", default=[],
+                   metavar="FIELD=VALUE", help="config fields of a random-weight model, "
+                   "e.g. depth=2")
+    p.set_defaults(func=cmd_sample)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", default="cpu")
+    common.add_argument("--store", metavar="PATH", help="results store for the row (default "
+                        "SAMPLES/metrics.jsonl, or SAMPLES.metrics.jsonl beside an .npz)")
+
+    p = sub.add_parser(
+        "fid", parents=[common], help="FID of a folder / .npz of samples against a reference "
+        "(torchmetrics, torch-fidelity's Inception from a local file)",
+        description="FID with torchmetrics' FrechetInceptionDistance (2048-d pool features, "
+        "float64 statistics) on torch-fidelity's TF-ported Inception-v3 from a local file; the "
+        "TF-compatible bilinear resize (antialias off) unless --antialias. The reference's "
+        "statistics are cached with their settings; ADM reference batches (.npz with mu and "
+        "sigma) are read as statistics. Under torchrun each rank reads its share of the "
+        "images and the statistics are summed across ranks.")
+    p.add_argument("samples", metavar="SAMPLES", help="a folder of images or an .npz (arr_0 "
+                   "uint8 NHWC)")
+    p.add_argument("reference", metavar="REF", help="the same kinds, or an .npz of mu/sigma")
+    p.add_argument("--inception-weights", metavar="PATH", help="weights-inception-2015-12-05-"
+                   "6726825d.pth (default $PTDIT_INCEPTION_WEIGHTS)")
+    p.add_argument("--antialias", action="store_true", help="antialiased resize (torchmetrics' "
+                   "default since 1.8; not comparable with TF/ADM figures)")
+    p.add_argument("--batch-size", type=int, default=50, metavar="B")
+    p.add_argument("--cache-dir", metavar="DIR", help="where reference statistics are cached "
+                   "(default: beside the reference)")
+    p.set_defaults(func=cmd_fid)
+
+    p = sub.add_parser(
+        "clip-score", parents=[common], help="CLIP score of samples against their captions "
+        "(clip-anytorch, local weights)",
+        description="The mean over image–caption pairs of 100·max(cos, 0) between CLIP's image "
+        "and text embeddings (clip-anytorch, a local OpenAI checkpoint); captions over 77 "
+        "tokens are truncated and counted.")
+    p.add_argument("samples", metavar="SAMPLES", help="a folder of images or an .npz")
+    p.add_argument("captions", metavar="CAPTIONS", help="a text file, one caption per line in "
+                   "the samples' sorted file-name order, or a CSV (file,caption) / JSON "
+                   "{file: caption} mapping")
+    p.add_argument("--clip-weights", metavar="PATH", help="e.g. ViT-L-14.pt (default "
+                   "$PTDIT_CLIP_WEIGHTS)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="B")
+    p.set_defaults(func=cmd_clip_score)
 
 
 def main(argv: list[str] | None = None) -> int:
