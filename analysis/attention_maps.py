@@ -36,14 +36,15 @@ the observer, of which 511 MiB Python and 2330 MiB weights; one layer's maps are
 Each model call (`ModelCall`: the input, the forward's other arguments, step and timestep) is
 reduced per (kind, layer, head, step, timestep, branch): under classifier-free guidance the
 batch is the conditional half then the unconditional half ("cond", "uncond"), otherwise all
-"cond"; samples of one branch are pooled. Maps are dropped once reduced; `keep_maps=True` keeps
+"cond"; samples of one branch are pooled. Maps are dropped once reduced; `keep_maps=True` (or a
+predicate of the stream's `Key`, to keep a few) keeps
 the first sample of each branch (float32 numpy (L, L)) for figures — for small cases.
 """
 
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from math import prod
@@ -259,7 +260,8 @@ class Capture:
 
     def __init__(self, model: nn.Module, *, windows: Iterable | None = None,
                  layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
-                 keep_maps: bool = False, max_pairs: int | None = DEFAULT_MAX_PAIRS,
+                 keep_maps: bool | Callable[[Key], bool] = False,
+                 max_pairs: int | None = DEFAULT_MAX_PAIRS,
                  max_distance: int | None = None, seed: int = 0, headwise: bool = False,
                  stop_early: bool = False):
         self.model = model
@@ -277,6 +279,7 @@ class Capture:
         self._plans: dict[tuple, Plan] = {}
         self._values: dict[str, Tensor] = {}
         self._call: ModelCall | None = None
+        self._begun = False
         self._stack: ExitStack | None = None
 
     def __enter__(self) -> "Capture":
@@ -300,9 +303,10 @@ class Capture:
         self._stack, self._call = None, None
         self._values.clear()
 
-    def begin(self, call: ModelCall) -> None:
-        """Attributes the attention calls that follow to `call`."""
-        self._call = call
+    def begin(self, call: ModelCall | None) -> None:
+        """Attributes the attention calls that follow to `call`; None: the forward passes that
+        follow are not reduced (a sampler's steps that are not analysed)."""
+        self._call, self._begun = call, True
 
     def run(self, call: ModelCall):
         """Runs `model(call.x, **call.kwargs)` without autograd and reduces its maps."""
@@ -354,10 +358,14 @@ class Capture:
 
     def _observer(self, record, probs: Tensor) -> None:
         values = self._values.pop(record.name)                  # (rows, H, L, d)
+        if self._skipped():
+            return
         for h in self.heads:
             self.take(record.name, h, probs[:, h], values[:, h])
 
     def _recompute(self, name: str, qkv: Tensor) -> None:
+        if self._skipped():
+            return
         q, k, v = self._split(name, qkv)
         for h in self.heads:
             scores = (q[:, h] @ k[:, h].transpose(-2, -1)) * q.shape[-1] ** -0.5
@@ -367,9 +375,14 @@ class Capture:
 
     # -- reduction ----------------------------------------------------------------------------
 
+    def _skipped(self) -> bool:
+        return self._call is None and self._begun
+
     def take(self, name: str, head: int, probs: Tensor, values: Tensor) -> None:
         """Reduces one head's maps probs (rows, L, L), values (rows, L, d) of module `name`."""
         call = self._call
+        if self._skipped():
+            return
         if call is None:
             raise RuntimeError("attention ran under Capture without a call: use run(call), or "
                                "begin(call) before the forward")
@@ -384,7 +397,7 @@ class Capture:
             stats = self.stats.get(key)
             if stats is None:
                 stats = self.stats[key] = WindowStats(plan_)
-                if self.keep_maps:
+                if self.keep_maps is True or callable(self.keep_maps) and self.keep_maps(key):
                     self.maps.append(AttentionMap(*key, grid,
                                                   probs[rows][0].float().cpu().numpy()))
             elif stats.plan is not plan_:
@@ -526,3 +539,65 @@ def load_maps(path: str | Path) -> list[AttentionMap]:
 __all__ = ["ANALYSED_KINDS", "AttentionMap", "Capture", "Key", "ModelCall", "analyse",
            "describe", "load_maps", "noised_inputs", "save_maps", "schedule_of"]
 
+
+
+#################################################################################
+#                           Along a sampling trajectory                         #
+#################################################################################
+
+def analyse_trajectory(model: nn.Module, conditions, *, resolution: int, frames: int | None = None,
+                       scheduler: str | None = None, steps: int | None = None,
+                       analyse_steps: Iterable[int] | None = None, cfg_scale: float | None = None,
+                       guidance_channels: str | None = None, seed: int = 0, samples: int = 1,
+                       meta: dict | None = None, **options) -> tuple[list[dict], list]:
+    """Window statistics of `model`'s self-attention along a real sampling trajectory: the
+    quality sampler's denoising loop (analysis.sampling.denoise: its scheduler, steps, guidance
+    and per-sample seeds for samples 0…samples-1) from noise of the latent shape of
+    `resolution` px (VAE factor 8; `frames` latent frames), each forward of a step in
+    `analyse_steps` (default: every step) reduced as it runs — the maps are the ones the sampler
+    itself computes. Under guidance the batch holds both branches. `conditions`: ClassLabels /
+    Prompts (analysis.conditions) or a class-label spec. `options` go to Capture (windows,
+    layers, heads, keep_maps, max_pairs, max_distance, headwise). Returns (rows, kept maps)."""
+    from . import sampling
+    from .conditions import check_conditions, class_conditions, condition_inputs
+
+    recipe = sampling.FAMILY_RECIPES[model.config.family]
+    scheduler = scheduler or recipe.scheduler
+    steps = sampling.SCHEDULER_STEPS[scheduler] if steps is None else steps
+    cfg_scale = recipe.cfg_scale if cfg_scale is None else float(cfg_scale)
+    guidance_channels = guidance_channels or recipe.guidance_channels
+    if isinstance(conditions, (str, list, tuple)):
+        conditions = class_conditions(conditions)
+    guided = cfg_scale != 1
+    check_conditions(model, conditions, guided)
+    side = resolution // VAE_SPATIAL
+    if resolution % VAE_SPATIAL:
+        raise ValueError(f"resolution {resolution} px is not a multiple of the VAE factor "
+                         f"{VAE_SPATIAL}")
+    shape = (model.in_channels, *([frames] if frames else []), side, side)
+    parameter = next(model.parameters())
+    indices = list(range(samples))
+    generators = sampling.sample_generators(seed, indices)
+    noise = sampling.initial_noise(generators, shape).to(parameter.device,
+                                                         sampling.latent_dtype(parameter.dtype))
+    condition = condition_inputs(model, conditions, indices, guided, parameter.device,
+                                 parameter.dtype)
+    condition.update(sampling.size_condition(model, samples * (1 + guided),
+                                             (resolution, resolution), parameter.device,
+                                             parameter.dtype))
+    wanted = None if analyse_steps is None else set(analyse_steps)
+    first: list[ModelCall] = []
+    model.eval()
+    with Capture(model, **options) as capture:
+        def on_step(step: int, t: Tensor, model_input: Tensor, kwargs: dict) -> None:
+            call = ModelCall(model_input, kwargs, step, float(t), cfg=guided)
+            first[:] = first or [call]
+            # a step not analysed is attributed to no call: its maps are not reduced
+            capture.begin(call if wanted is None or step in wanted else None)
+        with torch.no_grad():
+            sampling.denoise(model, scheduler, steps, noise, condition, cfg_scale=cfg_scale,
+                             guidance_channels=guidance_channels, generators=generators,
+                             on_step=on_step)
+    described = {**describe(model, first[0]), "scheduler": scheduler, "steps": steps,
+                 "cfg_scale": cfg_scale, "seed": seed, **(meta or {})}
+    return to_rows(capture.stats, described), capture.maps

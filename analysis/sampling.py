@@ -417,7 +417,7 @@ def sample(model: nn.Module, *, vae, conditions, num: int, out: str | os.PathLik
             generators = sample_generators(seed, indices)
             noise = initial_noise(generators, shape).to(device, latent_dtype(dtype))
             condition = condition_inputs(model, conditions, indices, guided, device, dtype)
-            condition.update(_size_condition(model, len(indices) * (1 + guided), size, device,
+            condition.update(size_condition(model, len(indices) * (1 + guided), size, device,
                                              dtype))
             latents = denoise(model, scheduler, steps, noise, condition, cfg_scale=cfg_scale,
                               guidance_channels=guidance_channels, generators=generators,
@@ -472,7 +472,7 @@ def _describe(conditions: ClassLabels | Prompts) -> str:
     return f"{len(conditions)} prompts × {conditions.tokens} tokens from {conditions.source}"
 
 
-def _size_condition(model: nn.Module, rows: int, size: tuple[int, int], device,
+def size_condition(model: nn.Module, rows: int, size: tuple[int, int], device,
                     dtype: torch.dtype) -> dict[str, Tensor]:
     """PixArtMS's (rows, 2) image (height, width) and (rows, 1) aspect ratio, as
     PixArtAlphaPipeline passes them; nothing for other models."""

@@ -25,6 +25,11 @@
               [--cache-dir DIR] [--device D] [--store PATH]
     ptdit clip-score SAMPLES CAPTIONS [--clip-weights PATH] [--batch-size B] [--device D]
                      [--store PATH]
+    ptdit attention --model NAME [--checkpoint PATH] --resolution R [--frames F] --out DIR
+                    [--class-labels SPEC | --prompt-embeddings FILE] [--steps I ...]
+                    [--sampler-steps N] [--scheduler S] [--cfg-scale S] [--window W ...]
+                    [--layers I ...] [--heads I ...] [--samples N] [--seed S] [--headwise]
+                    [--max-pairs N] [--override FIELD=VALUE ...]
 """
 
 import argparse
@@ -357,6 +362,96 @@ def cmd_clip_score(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, device=args.device))
 
 
+#################################################################################
+#                               Attention analysis                              #
+#################################################################################
+
+def _attention_conditions(args: argparse.Namespace, model):
+    from analysis import conditions
+
+    if args.class_labels is not None and args.prompt_embeddings is not None:
+        raise ValueError("give one of --class-labels and --prompt-embeddings, not both")
+    if args.prompt_embeddings is not None:
+        return conditions.prompt_embeddings(args.prompt_embeddings)
+    if args.class_labels is None and model.config.condition == "text":
+        raise ValueError(f"{args.model} is text-conditioned: give --prompt-embeddings FILE "
+                         "(`embeddings` (N, L, C) and `mask` (N, L) T5 features)")
+    return conditions.class_conditions(args.class_labels or "0")
+
+
+def _analysed_steps(given: list[int] | None, steps: int) -> list[int]:
+    """The denoising steps to analyse: those given, else four spread over the trajectory."""
+    if given is None:
+        return sorted({0, steps // 3, 2 * steps // 3, steps - 1})
+    bad = [s for s in given if not 0 <= s < steps]
+    if bad:
+        raise ValueError(f"--steps {bad} outside the trajectory's steps 0…{steps - 1} "
+                         f"(--sampler-steps {steps})")
+    return sorted(set(given))
+
+
+def _attention_summary(rows: list[dict], trained: bool, out, figures) -> str:
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    cosine = frame[(frame.metric == "cosine") & (frame.branch == "cond")]
+    table = cosine.groupby("window", sort=False)[
+        ["value", "baseline_distance_matched", "baseline_random"]].mean()
+    table.columns = ["within-window cosine", "distance-matched", "random pairs"]
+    weights = ("trained weights" if trained else
+               "UNTRAINED (random) weights: these numbers say nothing about a trained model; "
+               "give --checkpoint for the real analysis")
+    return "\n".join([f"ptdit attention: {weights}",
+                       f"{len(rows)} rows in {out / 'attention.jsonl'}; figures: "
+                       f"{', '.join(p.name for p in figures)}",
+                       "mean over layers, heads and analysed steps (conditional branch):",
+                       table.to_string(float_format=lambda v: f"{v:.4f}")])
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import pandas as pd
+
+    from analysis.attention_maps import analyse_trajectory, save_maps
+    from analysis.attention_plots import write_figures
+    from analysis.sampling import FAMILY_RECIPES
+    from bench.rows import device_label, provenance
+    from bench.store import Store
+
+    model = _sample_model(args)
+    scheduler = args.scheduler or FAMILY_RECIPES[model.config.family].scheduler
+    steps = _analysed_steps(args.steps, args.sampler_steps)
+    depth = len(model.blocks)
+    layers = args.layers
+    shown_layer = (layers or list(range(depth)))[len(layers or range(depth)) // 2]
+
+    def keep(key) -> bool:   # Figure 3: one layer, head and step, both branches
+        return (key.layer == shown_layer and key.head == (args.heads or [0])[0]
+                and key.step == steps[-1])
+
+    trained = args.checkpoint is not None
+    meta = {"checkpoint": args.checkpoint or "untrained",
+            "weights": "trained" if trained else "untrained"}
+    rows, maps = analyse_trajectory(
+        model, _attention_conditions(args, model), resolution=args.resolution,
+        frames=args.frames, scheduler=scheduler, steps=args.sampler_steps,
+        analyse_steps=steps, cfg_scale=args.cfg_scale, seed=args.seed, samples=args.samples,
+        meta=meta, windows=args.window, layers=layers, heads=args.heads, keep_maps=keep,
+        max_pairs=args.max_pairs, headwise=args.headwise)
+    out = Path(args.out)
+    store = Store(out / "attention.jsonl")
+    head = provenance(device_label("cpu"), "headwise recompute" if args.headwise else "math",
+                      "float32")
+    for row in rows:
+        store.append({**head, **row, "status": row.get("status", "ok")})
+    if maps:
+        save_maps(maps, out / "maps.npz")
+    figures = write_figures(pd.DataFrame(rows), maps, out)
+    print(_attention_summary(rows, trained, out, figures))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ptdit", description="PT-DiT, DiT and PixArt-alpha: models, cost and analysis.")
@@ -520,6 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_report)
 
     _quality_parsers(sub)
+    _attention_parser(sub)
     return parser
 
 
@@ -616,6 +712,50 @@ def _quality_parsers(sub) -> None:
                    "$PTDIT_CLIP_WEIGHTS)")
     p.add_argument("--batch-size", type=int, default=64, metavar="B")
     p.set_defaults(func=cmd_clip_score)
+
+
+def _attention_parser(sub) -> None:
+    p = sub.add_parser(
+        "attention", help="how alike the attention rows of tokens in one window are, along a "
+        "real sampling trajectory (the redundancy PT-DiT rests on)",
+        description="Runs the family's sampler (analysis.sampling.denoise) from seeded noise "
+        "and, at the analysed steps, reduces every self-attention map on the fly (DiT / "
+        "PixArt: token self-attention; PT-DiT: proxy self-attention) to window statistics — "
+        "within-window cosine, Jensen–Shannon divergence, mean-row replacement error and its "
+        "A·V output error, each beside distance-matched and random-pair baselines, and cosine "
+        "vs distance — for each window size, layer, head, step and guidance branch. Writes "
+        "OUT/attention.jsonl (rows), figures, and OUT/maps.npz (the maps of Figure 3). "
+        "Without --checkpoint the weights are random, and the output says so.")
+    p.add_argument("--model", required=True, metavar="NAME")
+    p.add_argument("--checkpoint", metavar="PATH", help="real weights (ptdit.load: facebook "
+                   "DiT, PixArt-α, diffusers, official PT-DiT)")
+    p.add_argument("--resolution", type=int, required=True, metavar="PX")
+    p.add_argument("--frames", type=int, metavar="F", help="latent frames (video models)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--class-labels", metavar="SPEC", help='class models (default "0")')
+    p.add_argument("--prompt-embeddings", metavar="FILE", help="text models: T5 features "
+                   "(`embeddings`, `mask`; `null_embedding` for PT-DiT guidance)")
+    p.add_argument("--steps", type=int, nargs="+", metavar="I", help="denoising steps to "
+                   "analyse, 0 = the first (pure noise); default: four spread over the run")
+    p.add_argument("--sampler-steps", type=int, default=25, metavar="N",
+                   help="steps of the sampling run (default 25)")
+    p.add_argument("--scheduler", choices=("ddpm", "dpm", "flow"), help="default: the family's")
+    p.add_argument("--cfg-scale", type=float, metavar="S", help="guidance scale (1: no "
+                   "guidance branch; default: the family's)")
+    p.add_argument("--window", type=int, nargs="+", metavar="W", help="window sides in tokens "
+                   "(default 2 4 8 16; those that do not tile the grid are skipped)")
+    p.add_argument("--layers", type=int, nargs="+", metavar="I", help="default: all")
+    p.add_argument("--heads", type=int, nargs="+", metavar="I", help="default: all")
+    p.add_argument("--samples", type=int, default=1, metavar="N", help="trajectories (seeded "
+                   "by index, as ptdit sample), pooled per branch (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--headwise", action="store_true", help="recompute the maps one head at a "
+                   "time (least memory: for large resolutions)")
+    p.add_argument("--max-pairs", type=int, default=2048, metavar="N", help="token pairs per "
+                   "statistic above which pairs are sampled (seeded; default 2048)")
+    p.add_argument("--override", nargs="+", type=_override, action="extend", default=[],
+                   metavar="FIELD=VALUE", help="config fields of a random-weight model")
+    p.set_defaults(func=cmd_attention)
 
 
 def main(argv: list[str] | None = None) -> int:
