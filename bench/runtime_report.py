@@ -391,11 +391,15 @@ def profiles(frame: pd.DataFrame) -> pd.DataFrame:
     case = [c for c in ("model", *CASE, *VARIANT, "tokens", "threads") if c in rows]
     rows = rows.sort_values("time_utc", kind="stable").drop_duplicates(case + ["name"],
                                                                        keep="last")
-    share = rows.pivot_table(index=case, columns="name", values="share", dropna=False)
-    rate = rows[rows.name.isin(["gemm", "attention"])].pivot_table(
-        index=case, columns="name", values="achieved_tflops", dropna=False)
-    step = rows.groupby(case, dropna=False).step_ms.first()
-    out = share.add_suffix("_share").join(rate.add_suffix("_tflops")).join(step).reset_index()
+    lines = []
+    for keys, run in rows.groupby(case, dropna=False, sort=False):   # a profiled case each
+        line = dict(zip(case, keys), step_ms=run.step_ms.iloc[0])
+        for r in run.itertuples():
+            line[f"{r.name}_share"] = r.share
+            if r.name in ("gemm", "attention"):
+                line[f"{r.name}_tflops"] = r.achieved_tflops
+        lines.append(line)
+    out = pd.DataFrame(lines)
     return out.reindex(columns=[c for c in PROFILE_COLUMNS if c in out or c in case])
 
 

@@ -241,9 +241,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"ptdit sweep: interrupted; every finished row is in {store.path}: run the same "
               "command again to resume", file=sys.stderr)
         return 130
-    tally = sweep.counts(sweep.stored_rows(jobs, store))
-    print(f"{len(jobs)} cases of {args.file}: {len(new)} measured now, "
-          f"{len(jobs) - len(new)} already stored; "
+    def key(row: dict) -> tuple:
+        return tuple(row.get(k) for k in sweep.KEY)
+    measured = len({key(row) for row in new})   # a profile case writes several rows
+    per_case = {key(row): row for row in sweep.stored_rows(jobs, store)}.values()
+    tally = sweep.counts(per_case)
+    print(f"{len(jobs)} cases of {args.file}: {measured} measured now, "
+          f"{len(jobs) - measured} already stored; "
           + ", ".join(f"{n} {status}" for status, n in tally.items()) + f"; store: {store.path}")
     if report:
         _write_report(store.path, report)

@@ -77,8 +77,11 @@ def test_the_report_tabulates_the_latest_profile_of_each_case():
     second = prof.profile(Case(work), steps=1, warmup=0)
     for row in second:
         row["time_utc"] = "9999-01-01T00:00:00Z"   # the later run
-    table = profiles(pd.DataFrame(first + second))
-    assert len(table) == 1
+    other = prof.profile(Case(Workload("DiT-S/2", 256, overrides={
+        k: v for k, v in TINY.items() if k != "caption_channels"})), steps=1, warmup=0)
+    table = profiles(pd.DataFrame(first + second + other))
+    assert sorted(table.model) == ["DiT-S/2", "PT-DiT/XL"]   # one line per profiled case
+    table = table[table.model == "PT-DiT/XL"]
     later = {r["name"]: r for r in second if r["level"] == "category"}
     assert table.gemm_share.iloc[0] == later["gemm"]["share"]
     assert table.attention_tflops.iloc[0] == later["attention"]["achieved_tflops"]
