@@ -52,11 +52,18 @@ class Store:
 
     def append(self, row: dict) -> None:
         """Writes `row` as one line and returns once it is on disk."""
-        line = json.dumps(_plain(row), allow_nan=False) + "\n"
+        self.extend([row])
+
+    def extend(self, rows: Iterable[dict]) -> None:
+        """Writes `rows`, a line each, and returns once they are on disk (one sync for all:
+        for the many rows of one measurement)."""
+        text = "".join(json.dumps(_plain(row), allow_nan=False) + "\n" for row in rows)
+        if not text:
+            return
         with open(self.path, "a+b") as f:
             if _last_line_torn(f):
-                line = "\n" + line  # leave the torn line on a line of its own
-            f.write(line.encode())
+                text = "\n" + text  # leave the torn line on a line of its own
+            f.write(text.encode())
             f.flush()
             os.fsync(f.fileno())
 

@@ -384,9 +384,9 @@ def _attention_conditions(args: argparse.Namespace, model):
 
 
 def _analysed_steps(given: list[int] | None, steps: int) -> list[int]:
-    """The denoising steps to analyse: those given, else four spread over the trajectory."""
+    """The denoising steps to analyse: those given, else the first, middle and last."""
     if given is None:
-        return sorted({0, steps // 3, 2 * steps // 3, steps - 1})
+        return sorted({0, steps // 2, steps - 1})
     bad = [s for s in given if not 0 <= s < steps]
     if bad:
         raise ValueError(f"--steps {bad} outside the trajectory's steps 0…{steps - 1} "
@@ -447,8 +447,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
     store = Store(out / "attention.jsonl")
     head = provenance(device_label("cpu"), "headwise recompute" if args.headwise else "math",
                       "float32")
-    for row in rows:
-        store.append({**head, **row, "status": row.get("status", "ok")})
+    store.extend({**head, **row, "status": row.get("status", "ok")} for row in rows)
     if maps:
         save_maps(maps, out / "maps.npz")
     figures = write_figures(pd.DataFrame(rows), maps, out)
@@ -740,7 +739,7 @@ def _attention_parser(sub) -> None:
     p.add_argument("--prompt-embeddings", metavar="FILE", help="text models: T5 features "
                    "(`embeddings`, `mask`; `null_embedding` for PT-DiT guidance)")
     p.add_argument("--steps", type=int, nargs="+", metavar="I", help="denoising steps to "
-                   "analyse, 0 = the first (pure noise); default: four spread over the run")
+                   "analyse, 0 = the first (pure noise); default: the first, middle and last")
     p.add_argument("--sampler-steps", type=int, default=25, metavar="N",
                    help="steps of the sampling run (default 25)")
     p.add_argument("--scheduler", choices=("ddpm", "dpm", "flow"), help="default: the family's")

@@ -88,6 +88,18 @@ def test_torn_line_is_skipped_and_next_append_starts_a_line(tmp_path):
     assert rows == [{"i": 0}, {"i": 3}] and len(caught) == 1 and ":2:" in caught[0]
 
 
+def test_extend_writes_many_rows_after_a_torn_line(tmp_path):
+    store = Store(tmp_path / "rows.jsonl")
+    store.extend([])                                    # nothing: no file, no line
+    assert not store.path.exists()
+    store.extend({"i": i, "x": float(np.random.rand())} for i in range(3))
+    with open(store.path, "ab") as f:
+        f.write(b'{"i": 3, "pay')
+    store.extend([{"i": 4}, {"i": 5}])
+    rows, caught = read(store)
+    assert [r["i"] for r in rows] == [0, 1, 2, 4, 5] and len(caught) == 1
+
+
 #################################################################################
 #                         A writer killed with SIGKILL                          #
 #################################################################################
