@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean bench bench-compare baseline
+.PHONY: demo test install clean bench bench-compare baseline notebooks strip-notebooks
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,22 @@ demo: $(STAMP)
 	$(BIN)/ptdit reproduce
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests bench/regression/test_exact.py $(PYTEST_ARGS)
+	PTDIT_NOTEBOOK_SIZE=small HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests \
+		bench/regression/test_exact.py --nbmake $(NBMAKE) notebooks/*.ipynb $(PYTEST_ARGS)
 	@if [ "$$CI" = true ]; then $(MAKE) --no-print-directory bench-compare PYTEST_ARGS=; fi
+
+# Notebooks (notebooks/README.md): executed by nbmake in this venv's kernel, outputs never
+# written back; `make test` runs them at PTDIT_NOTEBOOK_SIZE=small, `make notebooks` at
+# NOTEBOOK_SIZE (default full). `strip-notebooks` clears outputs before a commit.
+NOTEBOOK_SIZE ?= full
+NBMAKE := --nbmake-timeout=3600
+
+notebooks: $(STAMP)
+	PTDIT_NOTEBOOK_SIZE=$(NOTEBOOK_SIZE) HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --nbmake \
+		$(NBMAKE) notebooks/*.ipynb $(PYTEST_ARGS)
+
+strip-notebooks: $(STAMP)
+	$(BIN)/python notebooks/strip.py
 
 # Regression gates (docs/regression.md). `bench`: the speed benchmarks, reported against
 # bench/regression/baselines/speed-<device>.json, history saved under .benchmarks/;
