@@ -75,3 +75,63 @@ def test_steps_outside_the_trajectory_are_refused(tmp_path, capsys):
     assert main(["attention", "--model", "DiT-S/2", "--override", *TINY, "--resolution", "128",
                  "--sampler-steps", "4", "--steps", "4", "--out", str(tmp_path)]) == 2
     assert "outside the trajectory's steps 0…3" in capsys.readouterr().err
+
+
+#################################################################################
+#             Capture along real sampling trajectories, every architecture      #
+#################################################################################
+
+@pytest.mark.parametrize("family, conditions", [
+    ("DiT", "2"), ("PT-DiT-class", "1"), ("PixArt", "prompts"), ("PT-DiT", "prompts")])
+def test_capture_along_the_samplers_trajectory_for_each_architecture(family, conditions):
+    """Several layers, heads and steps, with the guidance batch, along the family's own
+    sampler (ddpm / dpm / flow) of a tiny model: every stream gets rows, both branches, and
+    the analysed kind is the architecture's self-attention over all positions."""
+    from analysis.conditions import make_prompts
+    from conftest import small_model
+
+    model = small_model(family, dtype=torch.float32,
+                        **({"windows_per_side": 4} if family.startswith("PT-DiT") else {}))
+    if conditions == "prompts":
+        L, C = 6, model.config.caption_channels
+        conditions = make_prompts(torch.randn(2, L, C), torch.ones(2, L),
+                                  null_embedding=torch.randn(L, C), null_mask=torch.ones(L))
+    rows, _ = analyse_trajectory(model, conditions, resolution=128, steps=4,
+                                 analyse_steps=[0, 3], cfg_scale=3.0, samples=2, windows=[2],
+                                 layers=[0, 1], heads=[0, 3])
+    keys = {(r["kind"], r["layer"], r["head"], r["step"], r["branch"]) for r in rows}
+    kind = "proxy" if family.startswith("PT-DiT") else "global"
+    assert keys == {(kind, layer, h, s, b) for layer in (0, 1) for h in (0, 3) for s in (0, 3)
+                    for b in ("cond", "uncond")}
+    assert all(np.isfinite(r["value"]) for r in rows if r["metric"] == "cosine")
+    assert {r["scheduler"] for r in rows} == {
+        {"DiT": "ddpm", "PixArt": "dpm"}.get(family.split("-Class")[0], "flow")}
+
+
+def test_capture_along_a_diffusers_pixart_sampling_loop():
+    """A diffusers PixArtTransformer2DModel sampled with diffusers' DPM-Solver (guided), the
+    reducing processor fed by Capture.begin before each of the loop's own forwards."""
+    import diffusers
+
+    from analysis.attention_maps import Capture
+    from analysis.window_similarity import to_rows
+
+    model = diffusers.PixArtTransformer2DModel(
+        num_layers=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+        out_channels=8, sample_size=8, caption_channels=16, cross_attention_dim=16).eval()
+    scheduler = diffusers.DPMSolverMultistepScheduler()
+    scheduler.set_timesteps(3)
+    text = torch.randn(2, 5, 16)                               # cond, then null caption
+    x = torch.randn(1, 4, 8, 8)
+    with Capture(model, windows=[2]) as capture, torch.no_grad():
+        for step, t in enumerate(scheduler.timesteps):
+            model_input = torch.cat([x, x])
+            kwargs = {"timestep": t.expand(2), "encoder_hidden_states": text,
+                      "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}}
+            capture.begin(ModelCall(model_input, kwargs, step, float(t), cfg=True))
+            cond, null = model(model_input, **kwargs).sample[:, :4].chunk(2)
+            x = scheduler.step(null + 4.5 * (cond - null), t, x).prev_sample
+        rows = to_rows(capture.stats)
+    keys = {(r["layer"], r["head"], r["step"], r["branch"]) for r in rows}
+    assert keys == {(layer, h, s, b) for layer in (0, 1) for h in (0, 1) for s in range(3)
+                    for b in ("cond", "uncond")}
