@@ -113,8 +113,11 @@ def test_a_sweep_interrupted_then_killed_midway_and_restarted_has_one_row_per_ca
 
     def stop_after(rows: int, sig: signal.Signals) -> tuple[int, str]:
         """Runs the sweep until the store holds `rows` rows, then sends `sig`."""
+        # SIGINT as a terminal delivers it, even when this test runs in the background of a
+        # non-interactive shell (which starts its children with SIGINT ignored)
         child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True)
+                                 stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 40
         while child.poll() is None and len(store) < rows and time.monotonic() < deadline:
             time.sleep(0.01)
