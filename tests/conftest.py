@@ -1,6 +1,7 @@
 """Shared test helpers: small random models, fresh random inputs."""
 
 import os
+import socket
 
 import pytest
 import torch
@@ -81,3 +82,17 @@ def _fresh_seed():
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     print(f"torch seed {seed}")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection attempt is recorded and refused."""
+    attempts = []
+
+    def connect(self, address):
+        attempts.append(address)
+        raise OSError(f"test: network access to {address} attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect)
+    return attempts

@@ -18,13 +18,7 @@ COND_ARGS = {"DiT": ["y"], "PixArt": ["text", "text_mask"], "PT-DiT": ["text", "
              "PT-DiT-class": ["text"]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: on a shared 2-core runner OpenMP hand-offs cost 10x the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny maps: OpenMP hand-offs cost more than the work
 
 
 def ours(family: str):

@@ -16,13 +16,7 @@ GRID = (1, 8, 8)
 TIMESTEPS = (900.0, 500.0, 100.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny maps: on a shared 2-core runner OpenMP hand-offs cost 10x the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny maps: OpenMP hand-offs cost more than the work
 
 
 def random_map(T: int = 64) -> torch.Tensor:

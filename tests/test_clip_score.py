@@ -5,7 +5,6 @@ independent of the number of processes; missing weights and bad captions refused
 
 import csv
 import json
-import socket
 import time
 import warnings
 
@@ -247,18 +246,6 @@ def test_clip_score_does_not_depend_on_the_number_of_processes(tmp_path, clip_fi
 # Weights
 # ----------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any connection attempt is recorded and refused."""
-    attempts = []
-
-    def connect(self, address):
-        attempts.append(address)
-        raise OSError(f"test: network access to {address} attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect)
-    return attempts
 
 
 def test_missing_clip_weights_fail_at_once_naming_file_source_and_flag(tmp_path, monkeypatch,

@@ -6,7 +6,6 @@ weights and bad input refused at once, with no network call."""
 
 import hashlib
 import json
-import socket
 import time
 
 import numpy as np
@@ -342,18 +341,6 @@ def test_fid_with_torch_fidelitys_inception_end_to_end(inception_weights):
 # Refusals
 # ----------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any connection attempt is recorded and refused."""
-    attempts = []
-
-    def connect(self, address):
-        attempts.append(address)
-        raise OSError(f"test: network access to {address} attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect)
-    return attempts
 
 
 def test_missing_inception_weights_fail_at_once_naming_file_source_and_flag(tmp_path,

@@ -12,13 +12,7 @@ from analysis.window_similarity import plan, to_rows, window_stats
 from bench.store import Store
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These maps are tiny: on a shared 2-core runner OpenMP hand-offs cost 10x the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny maps: OpenMP hand-offs cost more than the work
 
 
 def random_maps(samples: int, T: int, sharpness: float = 2.0) -> torch.Tensor:
