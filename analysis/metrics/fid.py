@@ -22,7 +22,6 @@ number of processes.
 import hashlib
 import json
 import os
-import pickle
 import warnings
 import zipfile
 from pathlib import Path
@@ -82,7 +81,7 @@ def fid_metric(*, inception_weights: str | os.PathLike | None = None, antialias:
             net = NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(FEATURE_DIM)],
                                      feature_extractor_weights_path=str(weights),
                                      antialias=antialias)
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+        except Exception as err:   # a damaged pickle raises almost any type
             raise ValueError(f"{INCEPTION.what} file {str(weights)!r} cannot be loaded as "
                              f"torch-fidelity's Inception state dict "
                              f"({INCEPTION.expected}): {err}") from err
@@ -274,8 +273,6 @@ def fid(samples: Source, reference: Source, *,
     `quantisation`, the settings (`feature_extractor`, `feature_dim`, `resize`, `antialias`,
     `weights_file`, `weights_sha256`, `statistics_dtype`) and DESIGN's row fields.
     """
-    import torchmetrics
-
     n_samples = _at_least_two(samples, "sample")
     metric, settings = fid_metric(inception_weights=inception_weights, antialias=antialias,
                                   device=device, extractor=extractor)
@@ -285,6 +282,8 @@ def fid(samples: Source, reference: Source, *,
     for batch in read_images(samples, batch_size=batch_size):
         metric.update(batch.to(device), real=False)
     value = float(metric.compute())  # sums the ranks' states first
+    import torchmetrics   # loaded by now; not before the weights check, which takes a moment
+
     row = result_row(metric="fid", samples=samples, device=device,
                      backend=f"torchmetrics {torchmetrics.__version__} FrechetInceptionDistance",
                      dtype=_dtype_of(metric.inception), batch=batch_size)
