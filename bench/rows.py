@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: rows carry `table` (bench.store.TABLES)
 PROVENANCE_FIELDS = ("schema_version", "git_sha", "time_utc", "host", "device", "torch", "dtype",
                      "backend")
 ROW_FIELDS = PROVENANCE_FIELDS + ("model", "resolution", "latent_frames", "tokens", "batch",

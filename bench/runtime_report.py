@@ -8,7 +8,7 @@ A case is one (device, dtype, mode, backend, compile, cuda_graphs, overrides, ba
 latent_frames); rows of different cases are never compared. Where a case and model were measured
 more than once, the latest row (`time_utc`) is used and the others are counted as superseded.
 
-    write_report(Store("results/runtime.jsonl").frame(), "results/runtime")
+    write_report(Store("results/runtime.jsonl", "runtime").frame(), "results/runtime")
 """
 
 import json
@@ -49,6 +49,7 @@ PROFILE_CATEGORIES = ("gemm", "attention", "layout", "norm", "elementwise", "opt
 PROFILE_COLUMNS = ("model", *CASE, *VARIANT, "tokens", "threads", "step_ms",
                    *[f"{c}_share" for c in PROFILE_CATEGORIES], "gemm_tflops",
                    "attention_tflops")
+MEASUREMENTS = ("latency", "memory", "profile")   # bench.sweep.MEASUREMENTS
 NO_SAVING = "no saving predicted"
 NO_MACS = "no total_gmacs in a row"
 
@@ -340,8 +341,20 @@ def _header(rows: pd.DataFrame, superseded: int, vary: list[str]) -> list[str]:
             ""]
 
 
+def check_rows(frame: pd.DataFrame) -> None:
+    """ValueError unless `frame` holds a latency, memory or profile row (of any status): an
+    empty report would read as if every case had been measured."""
+    if frame.empty:
+        raise ValueError("no rows to report")
+    if "measurement" not in frame or not frame.measurement.isin(MEASUREMENTS).any():
+        raise ValueError(f"no {', '.join(MEASUREMENTS[:-1])} or {MEASUREMENTS[-1]} rows among "
+                         f"the {len(frame)} rows given")
+
+
 def markdown(frame: pd.DataFrame, speedup: pd.DataFrame, plots: dict[str, bool]) -> str:
-    """runtime.md from the rows, their speedups and which plots were drawn (file -> drawn)."""
+    """runtime.md from the rows, their speedups and which plots were drawn (file -> drawn);
+    ValueError without runtime rows (`check_rows`)."""
+    check_rows(frame)
     rows = normalise(frame)
     latency, memory = latest(measured(frame, "latency")), latest(measured(frame, "memory"))
     superseded = (rows.status == "ok").sum() - len(latency) - len(memory)
@@ -445,7 +458,9 @@ def _memory_table(rows: pd.DataFrame, vary: list[str]) -> str:
 
 def write_report(frame: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
     """Writes runtime.md, speedups.csv, latency.csv, memory.csv (every ok row, reruns included)
-    and the plots that have rows into `out_dir`; returns file name -> path of what it wrote."""
+    and the plots that have rows into `out_dir`; returns file name -> path of what it wrote.
+    ValueError, and nothing written, without runtime rows (`check_rows`)."""
+    check_rows(frame)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tables = {"speedups": speedups(frame),

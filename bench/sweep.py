@@ -3,7 +3,7 @@ into a results store that survives crashes and resumes.
 
     spec = load("bench/sweeps/cpu.toml")
     jobs = plan(grids(spec, "cpu.toml"))        # every case validated before any is measured
-    for row in run(jobs, Store("/tmp/cpu_sweep.jsonl")):
+    for row in run(jobs, Store("/tmp/cpu_sweep.jsonl", "runtime")):
         ...
 
 A sweep file holds grid keys (`KEYS`; each documented there) at the top level and optionally
@@ -14,16 +14,20 @@ mode × measure × compile × cuda_graphs; keys that take a list also take a sin
 rows measure eager steps, so a grid's memory cases drop its compile and cuda_graphs options.
 An unknown key, a value not allowed or a case that cannot be built (a resolution the windows do
 not divide, say) raises ValueError naming the grid, the key and what is allowed, before anything
-is measured.
+is measured. Integer keys take integers only (not 2.0, not true), within TOML's 64-bit range. A
+spec built from command-line flags (`ptdit bench`) passes `names`, the flag of each key, and its
+errors name the flags instead.
 
-`run` measures the cases not already in the store (`KEY` columns), appending each row as it
-finishes (bench.store: a crash, SIGKILL or Ctrl-C loses no finished row; a rerun resumes). Cases
+`run` measures the cases not already in the store (`KEY` columns; with `retry_failed`, also
+those whose latest row failed with an 'error: …' status), appending each row as it finishes
+(bench.store: a crash, SIGKILL or Ctrl-C loses no finished row; a rerun resumes). Cases
 run smallest first within a group (`GROUP`: model, overrides, setup); once a case of a group
 runs out of memory (status 'oom'), its larger cases (more tokens × forward batch) are not run but
 written as rows whose status says 'skipped: …' and names the case that ran out. A tqdm bar on a
 terminal shows the case, the ETA and the last result.
 """
 
+import contextlib
 import difflib
 import re
 import sys
@@ -42,7 +46,7 @@ from ptdit.workload import DEFAULT_TEXT_TOKENS
 from . import latency, memory, profile
 from .latency import DTYPES, MODES, Case
 from .rows import device_label
-from .store import Store
+from .store import Store, row_key
 
 MEASUREMENTS = ("latency", "memory", "profile")
 REQUIRED = object()
@@ -58,19 +62,22 @@ class Key:
     many: bool = True      # a list of values; a single value stands for a list of one
 
 
+INT_MAX = 2**63 - 1   # TOML integers are 64-bit; tomllib reads larger ones all the same
+
+
 def _positive(v) -> bool:
-    return is_int(v) and v > 0
+    return is_int(v) and 0 < v <= INT_MAX
 
 
 KEYS: dict[str, Key] = {
     "models": Key("model names, as `ptdit models` lists them", REQUIRED,
                   "registry names (`ptdit models`)", lambda v: isinstance(v, str)),
     "resolutions": Key("square image sides in pixels (latent side = px / 8)", REQUIRED,
-                       "positive integers (pixels)", _positive),
+                       "positive 64-bit integers (pixels)", _positive),
     "frames": Key("latent frames of video latents (B, 4, F, H, W); omitted: images", [None],
-                  "positive integers (latent frames)", _positive),
+                  "positive 64-bit integers (latent frames)", _positive),
     "batch": Key("requested batch sizes (cfg runs the model at twice this)", [1],
-                 "positive integers", _positive),
+                 "positive 64-bit integers", _positive),
     "dtype": Key("model and input dtype", ["float32"], ", ".join(DTYPES),
                  lambda v: v in DTYPES),
     "backend": Key("attention backend", ["sdpa"], ", ".join(BACKENDS), lambda v: v in BACKENDS),
@@ -84,12 +91,12 @@ KEYS: dict[str, Key] = {
                        "true, false", lambda v: isinstance(v, bool)),
     "device": Key("where cases run (cuda: the current GPU, chosen by CUDA_VISIBLE_DEVICES)",
                   "cpu", "cpu, cuda", lambda v: v in latency.DEVICES, many=False),
-    "repeats": Key("timed steps per latency row", 10, "a positive integer", _positive,
+    "repeats": Key("timed steps per latency row", 10, "a positive 64-bit integer", _positive,
                    many=False),
-    "warmup": Key("untimed steps before them", 2, "a non-negative integer",
-                  lambda v: is_int(v) and v >= 0, many=False),
+    "warmup": Key("untimed steps before them", 2, "a non-negative 64-bit integer",
+                  lambda v: is_int(v) and 0 <= v <= INT_MAX, many=False),
     "text_tokens": Key("T5 caption tokens of text models", DEFAULT_TEXT_TOKENS,
-                       "a positive integer", _positive, many=False),
+                       "a positive 64-bit integer", _positive, many=False),
     "overrides": Key("config fields set on every model of the grid, e.g. {depth = 2}", {},
                      "a table of config fields", lambda v: isinstance(v, dict), many=False),
 }
@@ -128,22 +135,29 @@ def _unknown(keys: Iterable[str], allowed: Iterable[str], where: str) -> None:
                              f"{', '.join(allowed)}")
 
 
-def _values(key: str, value, where: str):
+def _label(key: str, names: dict[str, str] | None) -> str:
+    """How messages call `key`: its flag where the spec came from flags, else 'key KEY'."""
+    return names[key] if names and key in names else f"key {key!r}"
+
+
+def _values(key: str, value, where: str, names: dict[str, str] | None = None):
     """A key's value checked, a list for list keys."""
-    spec = KEYS[key]
+    spec, label = KEYS[key], _label(key, names)
     values = value if spec.many and isinstance(value, list) else [value]
     if spec.many and not values:
-        raise ValueError(f"{where}key {key!r} is an empty list; allowed: {spec.allowed}")
+        raise ValueError(f"{where}{label} is an empty list; allowed: {spec.allowed}")
     for v in values:
         if not spec.check(v):
-            raise ValueError(f"{where}key {key!r}: {v!r} is not allowed; allowed: "
-                             f"{spec.allowed}")
+            raise ValueError(f"{where}{label}: {v!r} is not allowed; allowed: {spec.allowed}")
     return values if spec.many else value
 
 
-def grids(spec: dict, source: str | None = None) -> list[dict]:
+def grids(spec: dict, source: str | None = None, names: dict[str, str] | None = None
+          ) -> list[dict]:
     """The grids of a sweep file's contents, each with every key (defaults filled in) checked;
-    ValueError naming the source (a file name, say), the grid and the key otherwise."""
+    ValueError naming the source (a file name, say), the grid and the key otherwise. `names`:
+    the flag of each key, for a spec built from command-line flags (`ptdit bench`): messages
+    then name the flags, here and in `plan`."""
     source = f"{source}: " if source else ""
     _unknown(spec, FILE_KEYS, source)
     tables = spec.get("grid", [{}])
@@ -159,12 +173,12 @@ def grids(spec: dict, source: str | None = None) -> list[dict]:
         grid = {}
         for key, spec_key in KEYS.items():
             if key in merged:
-                grid[key] = _values(key, merged[key], where)
+                grid[key] = _values(key, merged[key], where, names)
             elif spec_key.default is REQUIRED:
-                raise ValueError(f"{where}key {key!r} is required: {spec_key.doc}")
+                raise ValueError(f"{where}{_label(key, names)} is required: {spec_key.doc}")
             else:
                 grid[key] = spec_key.default
-        grid["where"] = where
+        grid["where"], grid["names"] = where, names
         out.append(grid)
     return out
 
@@ -203,8 +217,7 @@ class Job:
                 "backend": c.backend, "device": device_label(c.device)}
 
     def key(self) -> tuple:
-        fields = self.fields()
-        return tuple(fields[k] for k in KEY)
+        return row_key(self.fields(), KEY)
 
     def measure(self) -> list[dict]:
         """The job's rows: one, or a profile's category and operator rows."""
@@ -215,13 +228,37 @@ class Job:
         return [latency.measure(self.case, self.repeats, self.warmup)]
 
 
+@contextlib.contextmanager
+def _named(grid: dict, **given):
+    """Where the spec came from flags, a ValueError raised inside is prefixed with the flags of
+    the case that failed (e.g. '--model DiT-S/2 --resolution 250: …')."""
+    try:
+        yield
+    except ValueError as err:
+        names = grid["names"]
+        if not names:
+            raise
+        flags = []
+        for key, value in given.items():
+            if value is None or value is False or value == {} or (
+                    key == "text_tokens" and value == KEYS[key].default):
+                continue
+            if key == "overrides":
+                value = " ".join(f"{k}={v}" for k, v in value.items())
+            flag = names.get(key, key)
+            flags.append(flag if value is True else f"{flag} {value}")
+        raise ValueError(f"{' '.join(flags)}: {err}") from None
+
+
 def _grid_jobs(grid: dict) -> Iterator[Job]:
     for model in grid["models"]:
         for res in grid["resolutions"]:
             for frames in grid["frames"]:
                 for batch in grid["batch"]:
-                    work = Workload(model, res, frames, batch, grid["text_tokens"],
-                                    overrides=grid["overrides"])
+                    with _named(grid, models=model, resolutions=res, frames=frames, batch=batch,
+                                text_tokens=grid["text_tokens"], overrides=grid["overrides"]):
+                        work = Workload(model, res, frames, batch, grid["text_tokens"],
+                                        overrides=grid["overrides"])
                     yield from _setups(work, grid)
 
 
@@ -233,8 +270,11 @@ def _setups(work: Workload, grid: dict) -> Iterator[Job]:
                     eager = measurement == "memory"
                     for compiled in [False] if eager else grid["compile"]:
                         for graphs in [False] if eager else grid["cuda_graphs"]:
-                            case = Case(work, mode, dtype, backend, grid["device"], compiled,
-                                        graphs)
+                            with _named(grid, models=work.name, mode=mode, dtype=dtype,
+                                        backend=backend, device=grid["device"],
+                                        compile=compiled, cuda_graphs=graphs):
+                                case = Case(work, mode, dtype, backend, grid["device"],
+                                            compiled, graphs)
                             yield Job(measurement, case, grid["repeats"], grid["warmup"])
 
 
@@ -259,7 +299,12 @@ def plan(grids: list[dict]) -> list[Job]:
 #################################################################################
 
 def _group(fields: dict) -> tuple:
-    return tuple(fields.get(k) for k in GROUP)
+    return row_key(fields, GROUP)
+
+
+def failed(row: dict) -> bool:
+    """Whether `row` is a failed case ('error: …'; 'oom' and 'skipped: …' rows are results)."""
+    return str(row.get("status", "")).startswith("error")
 
 
 def _size(fields: dict) -> int:
@@ -287,17 +332,28 @@ def _skipped(job: Job, oom: dict) -> dict:
     return {**latency.head(job.case, job.measurement), "status": reason}
 
 
-def run(jobs: list[Job], store: Store | None = None, progress: bool | None = None
-        ) -> Iterator[dict]:
+def stored_keys(store: Store, retry_failed: bool = False) -> set[tuple]:
+    """The `KEY` values of the cases in `store` that a run skips: every stored case, less (with
+    `retry_failed`) those whose latest row failed ('error: …')."""
+    keys = store.done(KEY)
+    if retry_failed:
+        keys -= {key for key, row in store.latest(KEY).items() if failed(row)}
+    return keys
+
+
+def run(jobs: list[Job], store: Store | None = None, progress: bool | None = None,
+        retry_failed: bool = False) -> Iterator[dict]:
     """The rows of `jobs` not yet in `store`, each appended to it as it finishes (then
-    yielded). Larger cases of a group that ran out of memory (here or in an earlier run) are
-    skipped rows. `progress`: a tqdm bar (default: only when stderr is a terminal)."""
+    yielded, as stored). Larger cases of a group that ran out of memory (here or in an earlier
+    run) are skipped rows. `retry_failed`: also measure again the cases whose latest stored row
+    failed ('error: …'). `progress`: a tqdm bar (default: only when stderr is a terminal)."""
     stored = store.rows() if store is not None else []
-    done = {tuple(row.get(k) for k in KEY) for row in stored}
+    done = stored_keys(store, retry_failed) if store is not None else set()
     ooms: dict[tuple, dict] = {}
 
-    def note(row: dict) -> None:
-        if row.get("status") == "oom":
+    def note(row: dict) -> None:   # an oom row of a known size (not one written by hand)
+        if row.get("status") == "oom" and is_int(row.get("tokens")) and is_int(
+                row.get("forward_batch")):
             group = _group(row)
             if group not in ooms or _size(row) < _size(ooms[group]):
                 ooms[group] = row
@@ -312,9 +368,9 @@ def run(jobs: list[Job], store: Store | None = None, progress: bool | None = Non
             oom = ooms.get(_group(job.fields()))
             larger = oom is not None and job.case.size > _size(oom)
             rows = [_skipped(job, oom)] if larger else job.measure()
+            if store is not None:
+                rows = [store.append(row) for row in rows]
             for row in rows:
-                if store is not None:
-                    store.append(row)
                 note(row)
             bar.set_postfix_str(f"last: {_summary(rows[0])}")
             bar.update()
@@ -336,7 +392,7 @@ def stored_rows(jobs: list[Job], store: Store) -> list[dict]:
     or the category and operator rows of its latest profile."""
     latest: dict[tuple, list[dict]] = {}
     for row in store.rows():
-        key = tuple(row.get(k) for k in KEY)
+        key = row_key(row, KEY)
         one_profile = (row.get("level") and key in latest
                        and latest[key][-1].get("time_utc") == row.get("time_utc"))
         if one_profile:
@@ -350,7 +406,8 @@ def counts(rows: Iterable[dict]) -> dict[str, int]:
     """Rows per status kind: ok, oom, skipped, error."""
     out = dict.fromkeys(("ok", "oom", "skipped", "error"), 0)
     for row in rows:
-        out[row["status"].split(":")[0]] += 1
+        kind = str(row.get("status")).split(":")[0]
+        out[kind] = out.get(kind, 0) + 1
     return out
 
 

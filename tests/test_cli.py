@@ -1,4 +1,4 @@
-"""The `ptdit` command's model table."""
+"""The `ptdit` command: the model table, flops through its store, reproduce's store."""
 
 import io
 import json
@@ -71,3 +71,34 @@ def test_flops_bad_input_exits_2_before_the_store_is_created(tmp_path, capsys):
             str(folder / "flops.jsonl")]
     assert main(argv) == 2
     assert "nearest: PT-DiT/XL" in capsys.readouterr().err and not folder.exists()
+
+
+def test_flops_exits_1_only_on_an_error_row(monkeypatch):
+    import bench.flops
+
+    def broken(model, backend):
+        raise RuntimeError("no such backend here")
+    monkeypatch.setattr(bench.flops, "set_backend", broken)
+    code, text = run("flops", "--model", "DiT-S/8", "--resolution", "256", "--counter", "all",
+                     "--format", "json")
+    statuses = [r["status"] for r in json.loads(text)]
+    assert code == 1 and statuses == ["ok"] + 2 * ["error: RuntimeError: no such backend here"]
+    code, _ = run("flops", "--model", "DiT-S/8", "--resolution", "256")
+    assert code == 0
+
+
+def test_flops_and_reproduce_stores_hold_their_own_tables(tmp_path, capsys):
+    from bench.rows import SCHEMA_VERSION
+
+    flops = tmp_path / "flops.jsonl"
+    code, _ = run("flops", "--model", "DiT-S/8", "--resolution", "256", "--store", str(flops))
+    rows = [json.loads(line) for line in flops.read_text().splitlines()]
+    assert code == 0 and [(r["schema_version"], r["table"]) for r in rows] == [
+        (SCHEMA_VERSION, "flops")]
+    # complexity rows do not go into a flops store: refused before anything is written
+    assert main(["reproduce", "--out", str(tmp_path / "complexity"), "--store",
+                 str(flops)]) == 2
+    assert capsys.readouterr().err == (f"ptdit reproduce: error: {flops} holds flops rows "
+                                       f"(line 1); expected complexity rows of schema version "
+                                       f"{SCHEMA_VERSION}: write to another store\n")
+    assert not (tmp_path / "complexity").exists() and len(flops.read_text().splitlines()) == 1

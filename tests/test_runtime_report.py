@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from bench import runtime_report as rr
-from bench.rows import check_row
+from bench.rows import SCHEMA_VERSION, check_row
 from bench.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,8 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 def row(model: str, measurement: str = "latency", status: str = "ok", **fields) -> dict:
     """One results row as the runtime harness writes it; `fields` override the defaults."""
     resolution = fields.get("resolution", 1024)
-    out = {"schema_version": 1, "git_sha": "0123456789ab", "time_utc": "2025-01-01T00:00:00Z",
-           "host": "bench-host", "device": "NVIDIA H200", "torch": "2.14.1", "dtype": "bf16",
+    out = {"schema_version": SCHEMA_VERSION, "git_sha": "0123456789ab",
+           "time_utc": "2025-01-01T00:00:00Z", "host": "bench-host", "device": "NVIDIA H200", "torch": "2.14.1", "dtype": "bf16",
            "backend": "sdpa", "model": model, "resolution": resolution, "latent_frames": 1,
            "tokens": (resolution // 16) ** 2, "batch": 1, "text_tokens": 120,
            "window": [1, 4, 4] if model.startswith("PT-DiT") else None, "status": status,
@@ -249,10 +249,20 @@ def test_write_report_writes_every_file_it_returns(tmp_path):
     assert (speedup[~saving].note == rr.NO_SAVING).all() and speedup[saving].note.isna().all()
 
 
-def test_empty_rows_make_an_empty_report(tmp_path):
-    paths = rr.write_report(pd.DataFrame(), tmp_path)
-    assert set(paths) == {"runtime.md", "speedups.csv", "latency.csv", "memory.csv"}
-    assert "None: every row is ok." in paths["runtime.md"].read_text()
+def test_no_runtime_rows_is_an_error_not_an_all_ok_report(tmp_path):
+    out = tmp_path / "report"
+    with pytest.raises(ValueError, match="^no rows to report$"):
+        rr.write_report(pd.DataFrame(), out)
+    flops = pd.DataFrame([{"model": "DiT-S/2", "counter": "analytic", "status": "ok"}] * 3)
+    with pytest.raises(ValueError, match="^no latency, memory or profile rows among the 3 rows "
+                       "given$"):
+        rr.write_report(flops, out)
+    with pytest.raises(ValueError, match="^no rows to report$"):
+        rr.markdown(pd.DataFrame(), pd.DataFrame(), {})
+    assert not out.exists()
+    failed = frame(row("DiT-S/2", status="oom"))     # a failed row is a report, not "all ok"
+    text = rr.write_report(failed, out)["runtime.md"].read_text()
+    assert "every row is ok" not in text and "| oom" in text
 
 
 def test_report_leaves_the_matplotlib_backend_alone(tmp_path):

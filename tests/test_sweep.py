@@ -5,19 +5,22 @@ skipped (naming the case that ran out), the shipped sweep files, and the GPU sui
 import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import bench.rows
 from bench import latency, sweep
-from bench.rows import check_row
+from bench.rows import SCHEMA_VERSION, check_row
 from bench.store import Store
+from ptdit import cli
 from ptdit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +53,19 @@ def keys(rows) -> collections.Counter:
      "key 'mode': 'sample' is not allowed; allowed: forward, cfg, train"),
     ('models = ["DiT-S/2"]\nresolutions = [256]\nmeasure = "speed"\n', "key 'measure'"),
     ('models = ["DiT-S/2"]\nresolutions = [256]\nrepeats = 0\n', "key 'repeats': 0"),
+    ('models = ["DiT-S/2"]\nresolutions = [256]\nrepeats = 1e20\n',
+     "key 'repeats': 1e+20 is not allowed; allowed: a positive 64-bit integer"),
+    ('models = ["DiT-S/2"]\nresolutions = [256]\nrepeats = 2.0\n', "key 'repeats': 2.0 is not"),
+    ('models = ["DiT-S/2"]\nresolutions = [256]\nrepeats = true\n', "key 'repeats': True is"),
+    ('models = ["DiT-S/2"]\nresolutions = [256]\nrepeats = 100000000000000000000\n',
+     "key 'repeats': 100000000000000000000 is not allowed"),    # beyond TOML's 64-bit range
+    ('models = ["DiT-S/2"]\nresolutions = [256]\nwarmup = 0.5\n', "key 'warmup': 0.5 is not"),
+    ('models = ["DiT-S/2"]\nresolutions = [256]\nwarmup = 9223372036854775808\n',
+     "key 'warmup': 9223372036854775808 is not"),
+    ('models = ["DiT-S/2"]\nresolutions = [256]\ntext_tokens = 8.0\n', "key 'text_tokens'"),
+    ('models = ["DiT-S/2"]\nresolutions = [256.0]\n', "key 'resolutions': 256.0 is not"),
+    ('models = ["DiT-S/2"]\nresolutions = [256]\nframes = [true]\n', "key 'frames': True"),
+    ('models = ["DiT-S/2"]\nresolutions = [256]\nbatch = [1, 1e20]\n', "key 'batch': 1e+20"),
     ('models = ["DiT-S/2"]\nresolutions = []\n', "key 'resolutions' is an empty list"),
     ('resolutions = [256]\n', "key 'models' is required"),
     ('models = ["DiT-S/2"]\nresolutions = [256]\n[[grid]]\nmode = "train"\n[[grid]]\nmoda = 1\n',
@@ -309,7 +325,7 @@ def test_sweep_dry_run_lists_the_cases_and_writes_nothing(tmp_path, capsys, monk
 
 
 def test_report_calls_write_report_on_the_stores_rows(tmp_path, capsys, monkeypatch):
-    store = Store(tmp_path / "rows.jsonl")
+    store = Store(tmp_path / "rows.jsonl", "runtime")
     store.append({"measurement": "latency", "model": "DiT-S/2", "status": "ok"})
     calls = []
 
@@ -324,6 +340,339 @@ def test_report_calls_write_report_on_the_stores_rows(tmp_path, capsys, monkeypa
     assert "runtime.md" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)]) == 2
     assert "no results store" in capsys.readouterr().err
+
+
+#################################################################################
+#                 Stores, output paths, one writer, failed cases                #
+#################################################################################
+
+def no_measuring(monkeypatch) -> None:
+    monkeypatch.setattr(latency, "prepare", lambda case: pytest.fail("measured"))
+
+
+def sweep_file(tmp_path: Path, text: str = OOM_SWEEP) -> str:
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def one_line_error(capsys, command: str) -> str:
+    """The CLI's error message (one line on stderr), without its 'ptdit CMD: error: '."""
+    err = capsys.readouterr().err
+    prefix = f"ptdit {command}: error: "
+    assert err.startswith(prefix) and err.count("\n") == 1, err
+    return err[len(prefix):-1]
+
+
+def test_report_refuses_stores_that_hold_no_runtime_rows(tmp_path, capsys):
+    flops = tmp_path / "flops.jsonl"
+    assert main(["flops", "--model", "DiT-S/8", "--resolution", "256", "--store",
+                 str(flops)]) == 0
+    binary = tmp_path / "rows.bin"
+    binary.write_bytes(np.random.default_rng().bytes(3000).replace(b"\n", b"."))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    capsys.readouterr()
+    out = tmp_path / "report"
+    for store, message in (
+            (flops, f"{flops} holds flops rows (line 1); expected runtime rows of schema "
+                    f"version {SCHEMA_VERSION}: write to another store"),
+            (binary, f"{binary} is not a ptdit results store (JSON lines): line 1 is "),
+            (empty, f"no rows in {empty}: nothing to report")):
+        assert main(["report", str(store), "--out", str(out)]) == 2
+        assert one_line_error(capsys, "report").startswith(message)
+    assert not out.exists()
+
+
+OLD_ROW = {"schema_version": 1, "measurement": "latency", "model": "DiT-S/2", "status": "error: x"}
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"model,resolution\nDiT-S/2,128\n",
+     "is not a ptdit results store (JSON lines): line 1 is 'model,resolution'"),
+    ((json.dumps(OLD_ROW) + "\n").encode(), "holds rows of schema version 1 (line 1)"),
+    ((json.dumps({"schema_version": bench.rows.SCHEMA_VERSION, "table": "flops"}) + "\n"
+      ).encode(), "holds flops rows (line 1)"),
+], ids=["csv", "schema 1", "flops"])
+def test_sweep_and_bench_refuse_a_store_of_other_rows_and_leave_it_alone(
+        content, message, tmp_path, capsys, monkeypatch):
+    no_measuring(monkeypatch)
+    store = tmp_path / "given.jsonl"
+    store.write_bytes(content)
+    for argv in (["sweep", sweep_file(tmp_path), "--out", str(store)],
+                 ["sweep", sweep_file(tmp_path), "--out", str(store), "--dry-run"],
+                 ["bench", "latency", *BENCH, "--store", str(store)]):
+        assert main(argv) == 2
+        assert message in one_line_error(capsys, argv[0])
+    assert store.read_bytes() == content
+
+
+HOLDER = """
+import sys
+from bench.store import Store
+with Store(sys.argv[1], sys.argv[2]).lock():
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def hold():
+    """hold(path, table): another process takes the store's lock and keeps it (till the
+    test ends); returns its pid."""
+    holders = []
+
+    def start(path: Path, table: str) -> int:
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), table], cwd=ROOT,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        holders.append(holder)
+        assert holder.stdout.readline().strip() == "locked"
+        return holder.pid
+
+    yield start
+    for holder in holders:
+        with holder:
+            holder.kill()
+
+
+def test_a_second_writer_is_refused_before_anything_is_measured(tmp_path, capsys, monkeypatch,
+                                                                hold):
+    no_measuring(monkeypatch)
+    runtime, flops = tmp_path / "runtime.jsonl", tmp_path / "flops.jsonl"
+    pids = {runtime: hold(runtime, "runtime"), flops: hold(flops, "flops")}
+    for argv, path in (
+            (["sweep", sweep_file(tmp_path), "--out", str(runtime)], runtime),
+            (["bench", "latency", *BENCH, "--store", str(runtime)], runtime),
+            (["flops", "--model", "DiT-S/8", "--resolution", "256", "--store", str(flops)],
+             flops)):
+        assert main(argv) == 2
+        assert re.fullmatch(rf"{re.escape(str(path))} is being written by pid {pids[path]} "
+                            r"since \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ: wait for it to finish, or "
+                            "write to another store", one_line_error(capsys, argv[0]))
+    assert not runtime.exists() and not flops.exists()
+    assert main(["sweep", sweep_file(tmp_path), "--out", str(runtime), "--dry-run"]) == 0
+
+
+def test_output_paths_under_a_file_fail_before_anything_is_measured(tmp_path, capsys,
+                                                                    monkeypatch):
+    no_measuring(monkeypatch)
+    taken = tmp_path / "a_file"
+    taken.write_text("x")
+    runtime = Store(tmp_path / "runtime.jsonl", "runtime")
+    runtime.append({"measurement": "latency", "model": "DiT-S/2", "status": "ok"})
+    toml, fine = sweep_file(tmp_path), str(tmp_path / "new.jsonl")
+    for argv, flag in (
+            (["sweep", toml, "--out", str(taken / "rows.jsonl")], "--out"),
+            (["sweep", toml, "--out", str(taken / "x" / "rows.jsonl"), "--dry-run"], "--out"),
+            (["sweep", toml, "--out", str(tmp_path)], "--out"),
+            (["sweep", toml, "--out", fine, "--report", str(taken / "report")], "--report"),
+            (["sweep", toml, "--out", fine, "--report", str(taken)], "--report"),
+            (["bench", "latency", *BENCH, "--store", str(taken / "rows.jsonl")], "--store"),
+            (["flops", "--model", "DiT-S/8", "--resolution", "256", "--store",
+              str(taken / "flops.jsonl")], "--store"),
+            (["reproduce", "--out", str(tmp_path / "complexity"), "--store",
+              str(taken / "costs.jsonl")], "--store"),
+            (["report", str(runtime.path), "--out", str(taken / "report")], "--out")):
+        assert main(argv) == 2
+        message = one_line_error(capsys, argv[0])
+        assert message.startswith(f"{flag} ") and ("a_file is a file" in message
+                                                   or "is a folder" in message), message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "runtime.jsonl", "s.toml"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="as root os.access calls a chmod 555 folder "
+                    "writable, so there is no read-only folder to refuse (tests/test_store.py "
+                    "checks the refusal through os.access)")
+def test_output_paths_in_a_read_only_folder_fail_before_anything_is_measured(
+        tmp_path, capsys, monkeypatch):
+    no_measuring(monkeypatch)
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        for argv, flag in (
+                (["sweep", sweep_file(tmp_path), "--out", str(folder / "rows.jsonl")], "--out"),
+                (["sweep", sweep_file(tmp_path), "--out", str(tmp_path / "rows.jsonl"),
+                  "--report", str(folder / "report")], "--report"),
+                (["bench", "latency", *BENCH, "--store", str(folder / "s" / "rows.jsonl")],
+                 "--store")):
+            assert main(argv) == 2
+            message = one_line_error(capsys, argv[0])
+            assert message.startswith(f"{flag} ") and "not writable" in message
+        assert list(folder.iterdir()) == [] and not (tmp_path / "rows.jsonl").exists()
+    finally:
+        folder.chmod(0o755)
+
+
+def flaky(monkeypatch, resolutions: set[int]) -> list[str]:
+    """oom_above(300) and, for the cases at `resolutions` (emptied to heal them), a
+    RuntimeError; the labels of the cases asked for."""
+    asked = oom_above(300, monkeypatch)
+    oom = latency.prepare
+
+    def prepare(case):
+        if case.work.resolution in resolutions:
+            asked.append(case.label)
+            raise RuntimeError("flaky")
+        return oom(case)
+    monkeypatch.setattr(latency, "prepare", prepare)
+    return asked
+
+
+def test_failed_cases_are_measured_again_only_with_retry_failed(tmp_path, capsys, monkeypatch):
+    broken = {256}
+    asked = flaky(monkeypatch, broken)
+    toml, out = sweep_file(tmp_path), str(tmp_path / "rows.jsonl")
+    assert main(["sweep", toml, "--out", out]) == 1                 # 2 error rows
+    assert "2 ok, 2 oom, 2 skipped, 2 error;" in capsys.readouterr().out
+    statuses = {(r["model"], r["resolution"]): r["status"] for r in Store(out).rows()}
+    assert statuses["DiT-S/2", 256] == "error: RuntimeError: flaky"
+    assert statuses["DiT-S/2", 384] == "oom" and statuses["PT-DiT/XL", 512].startswith("skipped")
+
+    asked.clear()
+    assert main(["sweep", toml, "--out", out]) == 1                 # failed rows stay failed
+    text = capsys.readouterr().out
+    assert asked == [] and "0 measured now, 8 already stored" in text
+    assert "; 2 failed cases not retried (--retry-failed measures them again);" in text
+    assert main(["sweep", toml, "--out", out, "--dry-run", "--retry-failed"]) == 0
+    assert "8 cases, 6 already in" in capsys.readouterr().out
+
+    broken.clear()                                                  # healed
+    assert main(["sweep", toml, "--out", out, "--retry-failed"]) == 0
+    text = capsys.readouterr().out
+    assert sorted(asked) == sorted(["DiT-S/2 256px b1 forward float32",
+                                    "PT-DiT/XL 256px b1 forward float32"])   # not oom, skipped
+    assert "2 measured now" in text and "4 ok, 2 oom, 2 skipped, 0 error" in text
+    assert "not retried" not in text
+    rows = Store(out, "runtime").rows()
+    assert len(rows) == 10 and [r["status"] for r in rows[-2:]] == ["ok", "ok"]
+    asked.clear()
+    assert main(["sweep", toml, "--out", out, "--retry-failed"]) == 0 and asked == []
+
+
+def test_bench_retry_failed(tmp_path, capsys, monkeypatch):
+    real, store = latency.prepare, str(tmp_path / "rows.jsonl")
+
+    def broken(case):
+        raise RuntimeError("flaky")
+    monkeypatch.setattr(latency, "prepare", broken)
+    assert main(["bench", "latency", *BENCH, "--store", store]) == 1
+    assert main(["bench", "latency", *BENCH, "--store", store]) == 1    # not measured again
+    assert len(Store(store).rows()) == 1
+    monkeypatch.setattr(latency, "prepare", real)
+    capsys.readouterr()
+    assert main(["bench", "latency", *BENCH, "--store", store, "--retry-failed",
+                 "--format", "json"]) == 0
+    assert [r["status"] for r in json.loads(capsys.readouterr().out)] == ["ok"]
+    assert [r["status"] for r in Store(store).rows()] == ["error: RuntimeError: flaky", "ok"]
+    assert main(["bench", "latency", *BENCH, "--retry-failed"]) == 2
+    assert one_line_error(capsys, "bench").startswith("--retry-failed measures the failed "
+                                                      "cases of --store again; give --store")
+
+
+def test_stored_key_values_of_any_json_type_are_read(tmp_path, capsys, monkeypatch):
+    store = Store(tmp_path / "rows.jsonl", "runtime")
+    hand = {"measurement": "latency", "model": "DiT-S/2", "resolution": 128,
+            "overrides": {"depth": 1, "hidden_size": 64, "num_heads": 4}, "window": [1, 2, 2],
+            "latent_frames": 1, "batch": 1, "tokens": 64, "forward_batch": 1}
+    store.extend([{**hand, "status": "ok"}, {**hand, "status": "oom", "batch": [1, 2]},
+                  {"measurement": "latency", "model": "DiT-S/2", "status": "oom",
+                   "overrides": {"depth": 1}, "tokens": [64], "forward_batch": None}])
+    toml = sweep_file(tmp_path, TINY + 'models = ["DiT-S/2"]\nresolutions = [128]\n'
+                                       "repeats = 1\nwarmup = 0\n")
+    assert main(["sweep", toml, "--out", str(store.path), "--dry-run"]) == 0
+    assert "1 cases, 0 already in" in capsys.readouterr().out   # a dict is not the JSON text
+    assert main(["sweep", toml, "--out", str(store.path)]) == 0
+    assert "1 measured now" in capsys.readouterr().out
+    no_measuring(monkeypatch)                                     # the same case: stored
+    assert main(["bench", "latency", *BENCH, "--store", str(store.path)]) == 0
+    assert [r["status"] for r in store.rows()] == ["ok", "oom", "oom", "ok"]
+    assert list(sweep.run(grid_of(TINY + 'models = ["DiT-S/2"]\nresolutions = [128]\n',
+                                  tmp_path), store, retry_failed=True)) == []
+
+
+def test_oom_and_skipped_rows_exit_0_and_error_rows_exit_1(tmp_path, capsys, monkeypatch):
+    oom_above(300, monkeypatch)                                   # 384 px runs out
+    argv = ["bench", "latency", *BENCH, "--resolution", "128", "384", "512", "--format", "json"]
+    assert main(argv) == 0
+    assert [r["status"][:8] for r in json.loads(capsys.readouterr().out)] == [
+        "ok", "oom", "skipped:"]
+    assert main([*argv, "--store", str(tmp_path / "rows.jsonl")]) == 0
+    assert main(["sweep", sweep_file(tmp_path), "--out", str(tmp_path / "sweep.jsonl")]) == 0
+
+    def broken(case):
+        raise RuntimeError("broken")
+    monkeypatch.setattr(latency, "prepare", broken)
+    assert main(argv) == 1
+
+
+@pytest.mark.parametrize("command", ["flops", "bench", "sweep"])
+def test_the_exit_rule_is_in_each_commands_help(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert " ".join(cli.EXIT_RULE.split()) in text
+    assert "Exit status: 1 when some row has an 'error: …' status" in cli.EXIT_RULE
+
+
+def test_bench_memory_refuses_compile_and_cuda_graphs(capsys, monkeypatch):
+    no_measuring(monkeypatch)
+    assert main(["bench", "memory", *BENCH, "--compile"]) == 2
+    assert one_line_error(capsys, "bench") == (
+        "memory rows measure eager steps; --compile applies to latency and profile rows only: "
+        "drop it, or measure latency")
+    assert main(["bench", "memory", *BENCH, "--compile", "--cuda-graphs"]) == 2
+    assert one_line_error(capsys, "bench").startswith(
+        "memory rows measure eager steps; --compile and --cuda-graphs apply to")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--resolution", "0"], "--resolution: 0 is not allowed; allowed: positive 64-bit integers "
+     "(pixels)"),
+    (["--batch", "1", "0"], "--batch: 0 is not allowed"),
+    (["--repeats", "0"], "--repeats: 0 is not allowed; allowed: a positive 64-bit integer"),
+    (["--warmup", "-1"], "--warmup: -1 is not allowed"),
+    (["--text-tokens", "0"], "--text-tokens: 0 is not allowed"),
+    (["--frames", "0"], "--frames: 0 is not allowed"),
+    (["--resolution", "250"], "--model DiT-S/2 --resolution 250 --batch 1 --override depth=1 "
+     "hidden_size=64 num_heads=4: resolution 250 px is not a multiple of the VAE factor 8"),
+    (["--override", "dept=2"], "--override depth=1 hidden_size=64 num_heads=4 dept=2: "),
+    (["--cuda-graphs"], "--model DiT-S/2 --mode forward --dtype float32 --backend sdpa "
+     "--device cpu --cuda-graphs: cuda_graphs needs device 'cuda', got 'cpu'"),
+])
+def test_bench_errors_name_the_flags_not_the_sweep_keys(flags, message, capsys, monkeypatch):
+    no_measuring(monkeypatch)
+    assert main(["bench", "latency", *BENCH, *flags]) == 2
+    error = one_line_error(capsys, "bench")
+    assert message in error and "key '" not in error
+
+
+def test_bench_ctrl_c_keeps_the_finished_rows_and_exits_130(tmp_path, capsys, monkeypatch):
+    real = latency.prepare
+
+    def prepare(case):
+        if case.mode == "cfg":
+            raise KeyboardInterrupt
+        return real(case)
+    monkeypatch.setattr(latency, "prepare", prepare)
+    store = tmp_path / "rows.jsonl"
+    argv = ["bench", "latency", *BENCH, "--mode", "forward", "cfg", "--store", str(store)]
+
+    def interrupted(argv: list[str]) -> int:
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C escaped ptdit bench as a traceback")
+    assert interrupted(argv) == 130
+    assert capsys.readouterr().err == (f"ptdit bench: interrupted; every finished row is in "
+                                       f"{store}: run the same command again to resume\n")
+    assert [(r["mode"], r["status"]) for r in Store(store).rows()] == [("forward", "ok")]
+    assert interrupted(argv[:-2]) == 130
+    assert "without --store no row was kept" in capsys.readouterr().err
+    monkeypatch.setattr(latency, "prepare", real)
+    assert main(argv) == 0                                        # resumed: cfg only
+    assert [(r["mode"], r["status"]) for r in Store(store).rows()] == [("forward", "ok"),
+                                                                       ("cfg", "ok")]
 
 
 HELP = """
