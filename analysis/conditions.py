@@ -19,7 +19,9 @@ Conventions
   pipelines do.
 """
 
+import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,17 +34,80 @@ PTDIT_TEXT_TOKENS = 200   # T5 tokens of the released PT-DiT (official_ptdit.md,
 EMBEDDING_KEYS = ("embeddings", "mask", "null_embedding", "null_mask")
 
 
-@dataclass(frozen=True)
 class ClassLabels:
-    """Class labels (N,) int64; sample i takes labels[i % N]."""
-    labels: Tensor
+    """Class labels as runs of consecutive labels (ranges), so "0-99999999" costs one run;
+    sample i takes label i % N of the N listed. Built from ints, a (N,) tensor or ranges."""
+
+    def __init__(self, labels: Tensor | Sequence[int] | Sequence[range]):
+        if isinstance(labels, Tensor):
+            labels = labels.tolist()
+        runs: list[range] = []
+        for item in labels:
+            run = item if isinstance(item, range) else range(int(item), int(item) + 1)
+            if run.step != 1 or run.stop <= run.start:
+                raise ValueError(f"class labels: {run!r} is not a non-empty run of "
+                                 "consecutive labels")
+            if runs and runs[-1].stop == run.start:   # "0-4,5-9" is the run 0..9
+                runs[-1] = range(runs[-1].start, run.stop)
+            else:
+                runs.append(run)
+        if not runs:
+            raise ValueError("class labels: no labels given")
+        self.runs = tuple(runs)
+
+    @property
+    def count(self) -> int:
+        """N, the number of labels listed (a Python int: any size)."""
+        return sum(run.stop - run.start for run in self.runs)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return self.count
 
-    def at(self, indices: list[int]) -> Tensor:
-        """(B,) the labels of sample indices."""
-        return self.labels[torch.tensor(indices) % len(self)]
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ClassLabels) and self.runs == other.runs
+
+    def __repr__(self) -> str:
+        return f"ClassLabels({describe_runs(self.runs)})"
+
+    @property
+    def labels(self) -> Tensor:
+        """(N,) int64, every label listed; ValueError above 10^7 labels (use `at`)."""
+        if self.count > 10**7:
+            raise ValueError(f"class labels {describe_runs(self.runs)}: {self.count} labels "
+                             "are too many to list; index them with at()")
+        return torch.cat([torch.arange(run.start, run.stop, dtype=torch.int64)
+                          for run in self.runs])
+
+    def at(self, indices: Sequence[int] | Tensor) -> Tensor:
+        """(B,) int64, the labels of sample `indices` (label i % N)."""
+        k = torch.as_tensor(list(indices), dtype=torch.int64) % self.count
+        sizes = torch.tensor([run.stop - run.start for run in self.runs])
+        ends = sizes.cumsum(0)
+        run = torch.searchsorted(ends, k, right=True)                # the run holding k
+        return torch.tensor([r.start for r in self.runs])[run] + k - (ends - sizes)[run]
+
+    def outside(self, low: int, high: int) -> tuple[list[int], int]:
+        """The first (up to 8, sorted) labels outside low..high (inclusive), and how many are."""
+        bad, count = [], 0
+        for run in self.runs:
+            for part in (range(run.start, min(run.stop, low)),
+                         range(max(run.start, high + 1), run.stop)):
+                if part.stop > part.start:
+                    count += part.stop - part.start
+                    bad.extend(part[:8])
+        return sorted(set(bad))[:8], count
+
+    def fingerprint(self) -> str:
+        """sha256 of the label runs: equal for equal label lists however they were written."""
+        text = ",".join(f"{run.start}-{run.stop - 1}" for run in self.runs)
+        return hashlib.sha256(f"class labels {text}".encode()).hexdigest()
+
+
+def describe_runs(runs: Sequence[range], limit: int = 4) -> str:
+    """'0-999' style text of label runs, the first `limit` of them."""
+    parts = [str(r.start) if r.stop - r.start == 1 else f"{r.start}-{r.stop - 1}"
+             for r in runs[:limit]]
+    return ",".join(parts) + (f",… ({len(runs)} runs)" if len(runs) > limit else "")
 
 
 @dataclass(frozen=True)
@@ -62,18 +127,31 @@ class Prompts:
     def tokens(self) -> int:
         return self.embeddings.shape[1]
 
-    def at(self, indices: list[int]) -> tuple[Tensor, Tensor]:
+    def at(self, indices: Sequence[int] | Tensor) -> tuple[Tensor, Tensor]:
         """(B, L, C) embeddings and (B, L) masks of sample indices."""
-        rows = torch.tensor(indices) % len(self)
+        rows = torch.as_tensor(list(indices), dtype=torch.int64) % len(self)
         return self.embeddings[rows], self.mask[rows]
+
+    def fingerprint(self) -> str:
+        """sha256 over the tensors (dtype, shape and bytes) that condition the samples."""
+        digest = hashlib.sha256(b"prompt embeddings")
+        for name in EMBEDDING_KEYS:
+            tensor = getattr(self, name)
+            digest.update(f"|{name}:".encode())
+            if tensor is not None:
+                tensor = tensor.detach().cpu().contiguous()
+                digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+                digest.update(tensor.view(torch.uint8).numpy().tobytes()
+                              if tensor.numel() else b"")
+        return digest.hexdigest()
 
 
 #################################################################################
 #                                 Class labels                                  #
 #################################################################################
 
-def _parse_labels(text: str, source: str) -> list[int]:
-    labels = []
+def _parse_labels(text: str, source: str) -> list[range]:
+    runs = []
     for item in (part.strip() for part in text.replace("\n", ",").split(",")):
         if not item:
             continue
@@ -87,32 +165,37 @@ def _parse_labels(text: str, source: str) -> list[int]:
         if hi < lo:
             raise ValueError(f"class labels {source}: range {item!r} runs backwards; "
                              f"did you mean '{hi}-{lo}'?")
-        labels.extend(range(lo, hi + 1))
-    if not labels:
+        runs.append(range(lo, hi + 1))   # a range, never a list: "0-99999999999" is cheap
+    if not runs:
         raise ValueError(f"class labels {source}: no labels given")
-    return labels
+    return runs
 
 
 def class_conditions(spec: str | os.PathLike | list[int] | tuple[int, ...] | Tensor
                      ) -> ClassLabels:
     """Class labels from "1,2,3", "0-999", "0,5-9", a file of one label per line, or ints."""
+    if isinstance(spec, ClassLabels):
+        return spec
     if isinstance(spec, Tensor):
         spec = spec.tolist()
     if isinstance(spec, (list, tuple)):
         if not spec or not all(isinstance(v, int) and v >= 0 for v in spec):
             raise ValueError(f"class labels must be non-negative ints, got {list(spec)[:8]}")
-        labels = list(spec)
-    elif isinstance(spec, os.PathLike) or (isinstance(spec, str) and os.path.isfile(spec)):
+        return ClassLabels(spec)
+    if isinstance(spec, os.PathLike) or (isinstance(spec, str) and os.path.isfile(spec)):
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"class label file {str(path)!r} does not exist")
-        labels = _parse_labels(path.read_text(), f"file {str(path)!r}")
-    elif isinstance(spec, str):
-        labels = _parse_labels(spec, repr(spec))
-    else:
-        raise ValueError(f"class labels must be a string, a file or ints, got "
-                         f"{type(spec).__name__}")
-    return ClassLabels(torch.tensor(labels, dtype=torch.int64))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"class label file {str(path)!r} is not UTF-8 text ({err.reason} "
+                             f"at byte {err.start}); expected one label per line") from None
+        return ClassLabels(_parse_labels(text, f"file {str(path)!r}"))
+    if isinstance(spec, str):
+        return ClassLabels(_parse_labels(spec, repr(spec)))
+    raise ValueError(f"class labels must be a string, a file or ints, got "
+                     f"{type(spec).__name__}")
 
 
 #################################################################################
@@ -130,6 +213,16 @@ def _check_mask(mask: Tensor, shape: tuple, what: str) -> Tensor:
     return mask.to(torch.int64)
 
 
+def _check_finite(embeddings: Tensor, what: str, row: str) -> None:
+    """ValueError naming the first row (prompt) of (N, L, C) `embeddings` with a NaN or Inf."""
+    bad = ~torch.isfinite(embeddings).flatten(1).all(1)
+    if bad.any():
+        first = int(bad.nonzero()[0])
+        where = f" (first in {row} {first}, {int(bad.sum())} of {len(bad)} {row}s)" if row else ""
+        raise ValueError(f"{what} holds NaN or infinite values{where}; allowed: finite floats "
+                         "(a T5 encoder's output)")
+
+
 def make_prompts(embeddings: Tensor, mask: Tensor, null_embedding: Tensor | None = None,
                  null_mask: Tensor | None = None, source: str = "prompt embeddings") -> Prompts:
     """Prompts from tensors, checked: embeddings (N, L, C) float, mask (N, L) of 0/1, null
@@ -141,6 +234,7 @@ def make_prompts(embeddings: Tensor, mask: Tensor, null_embedding: Tensor | None
         raise ValueError(f"{source}: 'embeddings' must be a float (N, L, C) tensor (N prompts, "
                          f"L tokens, C = T5 width), got {got}")
     N, L, C = embeddings.shape
+    _check_finite(embeddings, f"{source}: 'embeddings'", "prompt")
     mask = _check_mask(mask, (N, L), f"{source}: 'mask'")
     if null_embedding is not None:
         if not isinstance(null_embedding, Tensor) or tuple(null_embedding.shape) != (L, C) \
@@ -149,6 +243,7 @@ def make_prompts(embeddings: Tensor, mask: Tensor, null_embedding: Tensor | None
                    else type(null_embedding).__name__)
             raise ValueError(f"{source}: 'null_embedding' must be a float ({L}, {C}) tensor "
                              f"like one prompt's embeddings, got {got}")
+        _check_finite(null_embedding[None], f"{source}: 'null_embedding'", "")
         null_mask = (torch.ones(L, dtype=torch.int64) if null_mask is None else
                      _check_mask(null_mask, (L,), f"{source}: 'null_mask'"))
     elif null_mask is not None:
@@ -162,14 +257,26 @@ def prompt_embeddings(file: str | os.PathLike) -> Prompts:
     path = Path(file)
     if not path.is_file():
         raise FileNotFoundError(f"prompt embeddings file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        tensors = load_file(path)
-    elif path.suffix == ".pt":
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
-    else:
+    if path.suffix not in (".safetensors", ".pt"):
+        hint = (" (a text file of prompts goes to --prompts, with --t5)"
+                if path.suffix in (".txt", ".csv", ".json", "") else "")
         raise ValueError(f"prompt embeddings {str(path)!r}: unknown file type {path.suffix!r}; "
-                         "allowed: .safetensors, .pt")
+                         f"allowed: .safetensors, .pt{hint}")
+    expected = ("expected a .safetensors file" if path.suffix == ".safetensors" else
+                "expected a torch.save'd dict of tensors")
+    expected += " with embeddings (N, L, C) and mask (N, L)"
+    if path.stat().st_size == 0:
+        raise ValueError(f"prompt embeddings {str(path)!r} is empty (0 bytes); {expected}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            tensors = load_file(path)
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:   # damaged, truncated, text, or a pickle of other objects
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"prompt embeddings {str(path)!r} cannot be read ({reason}); "
+                         f"{expected}") from None
     if not isinstance(tensors, dict):
         raise ValueError(f"prompt embeddings {str(path)!r} must hold a dict of tensors, got "
                          f"{type(tensors).__name__}")
@@ -245,10 +352,11 @@ def check_conditions(model: nn.Module, conditions: ClassLabels | Prompts, guided
             raise ValueError(f"{name} is class-conditional: give class labels "
                              f"(class_conditions('0-999')), not {type(conditions).__name__}")
         num_classes = config.num_classes
-        bad = conditions.labels[(conditions.labels < 0) | (conditions.labels >= num_classes)]
-        if len(bad):
-            raise ValueError(f"class labels {sorted(set(bad.tolist()))[:8]} out of range for "
-                             f"{name}: allowed 0..{num_classes - 1}")
+        bad, count = conditions.outside(0, num_classes - 1)   # from the runs: no list
+        if count:
+            more = f" and {count - len(bad)} more" if count > len(bad) else ""
+            raise ValueError(f"class labels {bad}{more} out of range for {name}: allowed "
+                             f"0..{num_classes - 1} (given: {describe_runs(conditions.runs)})")
         if guided and config.class_dropout_prob <= 0:
             raise ValueError(f"{name} has no null class (class_dropout_prob=0): sample it with "
                              "cfg_scale=1")

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .distributed import current
+
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
 NPZ_KEY = "arr_0"
 UINT8_INPUT = "uint8 input"
@@ -34,10 +36,9 @@ Source = str | os.PathLike | torch.Tensor
 
 
 def shard() -> tuple[int, int]:
-    """(rank, world_size) of this process: (0, 1) unless torch.distributed is initialised."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    """(rank, world_size) of this process: (0, 1) unless a process group runs (started by
+    analysis.distributed.process_group under torchrun, or by the caller)."""
+    return current()
 
 
 def check_images(images: torch.Tensor, what: str = "images") -> torch.Tensor:

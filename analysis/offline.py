@@ -30,7 +30,8 @@ class Weights:
 
     def path(self, given: str | os.PathLike | None) -> Path:
         """The local path from `given`, else from the environment variable; raises
-        FileNotFoundError naming everything a user needs when neither points at one."""
+        FileNotFoundError naming everything a user needs when neither points at one, and
+        ValueError for an empty (0-byte) weights file."""
         source = f"{self.flag} {given}" if given else None
         if not given and os.environ.get(self.env):
             given, source = os.environ[self.env], f"${self.env}={os.environ[self.env]}"
@@ -50,6 +51,9 @@ class Weights:
         if not self.folder and path.is_dir():
             raise IsADirectoryError(f"{self.what} {str(path)!r} (from {source}) is a folder; "
                                     f"expected a file ({self.expected}). {how}")
+        if not self.folder and path.stat().st_size == 0:   # a failed download, say
+            raise ValueError(f"{self.what} file {str(path)!r} (from {source}) is empty (0 "
+                             f"bytes); expected {self.expected}. {how}")
         return path
 
 

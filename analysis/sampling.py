@@ -42,15 +42,22 @@ one 8-bit level in the tests).
 Latents: (B, C, H/f, W/f) for images, (B, C, F, H/f, W/f) for video (frames = latent frames),
 f = 2^(len(vae block_out_channels) - 1) (8 for the SD VAE), kept in float32 (float64 for
 float64 models) while the model runs in its dtype; decoded (frame by frame for video, a 2-D
-VAE: temporal factor 1) from latents / scaling_factor (+ shift_factor). Pixels: see
-analysis.sample_writer. Many processes: under torchrun (WORLD_SIZE > 1) rank r takes the
-indices start + k with k % world == r, writes its own PNGs; rank 0 writes the .npz and the
+VAE: temporal factor 1) from latents / scaling_factor (+ shift_factor). A sample whose latents
+or pixels are not finite gets no PNG, and the run's row says so (status 'error: …').
+
+Output: PNGs, run.json (the settings; a folder of other settings is refused) and the .npz:
+see analysis.sample_writer. The indices are visited lazily, so a run of 10^12 indices starts
+at once. Many processes: under torchrun (WORLD_SIZE > 1; analysis.distributed) rank r takes
+the indices start + k with k % world == r and writes its own PNGs; rank 0 checks and writes
+run.json before any rank samples (a refusal reaches every rank), and writes the .npz and the
 run's row after a barrier.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -62,14 +69,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from bench.rows import device_label, provenance, status_of
-from bench.store import Store
+from bench.rows import device_label, git_sha, provenance, status_of
+from bench.store import Store, check_writable, check_writable_folder
 from ptdit.attention import attention_modules
 from ptdit.checks import dtype_name, either, model_dtype, nearest_multiples
 
 from . import sample_writer
 from .conditions import (ClassLabels, Prompts, check_conditions, class_conditions,
-                         condition_inputs, encode_prompts, prompt_embeddings)
+                         condition_inputs, describe_runs, encode_prompts, prompt_embeddings)
+from .distributed import barrier, broadcast, check_device, process_group
 from .offline import VAE, go_offline
 
 __all__ = ["ClassLabels", "Prompts", "class_conditions", "decode", "denoise", "encode_prompts",
@@ -273,22 +281,6 @@ def latent_size(model: nn.Module, vae, resolution, frames: int | None) -> tuple[
     return (model.in_channels, *([frames] if frames is not None else []), *dims)
 
 
-def _distributed(device) -> tuple[int, int, bool, torch.device]:
-    """(rank, world size, whether this call started the process group, this rank's device);
-    a process group is started when torchrun's WORLD_SIZE > 1 and none is running."""
-    device = torch.device(device)
-    started = False
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        started = True
-    if not dist.is_initialized():
-        return 0, 1, False, device
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), started, device
-
-
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -297,21 +289,34 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def tensors_sha256(module: nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _backend(model: nn.Module) -> str:
     return ",".join(sorted({m.backend for m in attention_modules(model).values()})) or "none"
 
 
-def _totals(generated: int, skipped: int, seconds: float, device: torch.device
-            ) -> tuple[int, int, float]:
-    """Images made and skipped summed over ranks, the slowest rank's seconds."""
+def _totals(counts: list[float], seconds: float, device: torch.device) -> tuple[list, float]:
+    """`counts` (made, skipped, non-finite) summed over ranks, the first non-finite index
+    (the last entry, inf if none) the smallest of all ranks', the slowest rank's seconds."""
     if not dist.is_initialized():
-        return generated, skipped, seconds
+        return counts, seconds
     on = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    counts = torch.tensor([generated, skipped], dtype=torch.float64, device=on)
+    summed = torch.tensor(counts[:-1], dtype=torch.float64, device=on)
+    first = torch.tensor([counts[-1]], dtype=torch.float64, device=on)
     slowest = torch.tensor([seconds], dtype=torch.float64, device=on)
-    dist.all_reduce(counts)
+    dist.all_reduce(summed)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-    return int(counts[0]), int(counts[1]), float(slowest)
+    return [*summed.tolist(), float(first)], float(slowest)
 
 
 def _conditions(conditions) -> ClassLabels | Prompts:
@@ -323,6 +328,55 @@ def _conditions(conditions) -> ClassLabels | Prompts:
                      f"{type(conditions).__name__}")
 
 
+def _weights_identity(model: nn.Module, checkpoint, init_seed: int | None) -> dict:
+    """What the model's weights are, for run.json: the checkpoint's sha256, the seed random
+    weights were drawn with, or (neither given) the sha256 of the weights themselves."""
+    if checkpoint:
+        return {"checkpoint_sha256": _sha256(Path(checkpoint))}
+    if init_seed is not None:
+        return {"untrained": True, "init_seed": init_seed}
+    return {"weights_sha256": tensors_sha256(model)}
+
+
+def _vae_identity(vae) -> str:
+    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
+    return hashlib.sha256((json.dumps(config, sort_keys=True, default=str)
+                           + tensors_sha256(vae)).encode()).hexdigest()
+
+
+def _make_folder(path: Path) -> list[Path]:
+    """Creates `path` and its missing parents; returns those it created, outermost first."""
+    made = [p for p in (*reversed(path.parents), path) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def _remove_if_empty(made: list[Path]) -> None:
+    """Removes the folders a failed run created, innermost first, while they are empty."""
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _batches(indices: range, is_finished: Callable[[int], bool], batch_size: int,
+             on_skip: Callable[[], None]):
+    """Batches (lists of <= batch_size) of the unfinished `indices`, found lazily: a run of
+    10^12 indices starts at once and holds one batch of them."""
+    batch = []
+    for i in indices:
+        if is_finished(i):
+            on_skip()
+            continue
+        batch.append(i)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def sample(model: nn.Module, *, vae, conditions, num: int, out: str | os.PathLike,
            resolution: int | tuple[int, int], scheduler: str | None = None,
            steps: int | None = None, cfg_scale: float | None = None,
@@ -330,10 +384,13 @@ def sample(model: nn.Module, *, vae, conditions, num: int, out: str | os.PathLik
            batch_size: int = 16, frames: int | None = None, device="cpu",
            dtype: torch.dtype | str = torch.float32, write_npz: bool = False,
            on_step: OnStep | None = None, store: Store | str | os.PathLike | None = None,
-           checkpoint: str | os.PathLike | None = None, progress: bool = True) -> dict:
+           checkpoint: str | os.PathLike | None = None, init_seed: int | None = None,
+           progress: bool = True) -> dict:
     """Samples indices start..start+num-1 into `out` as PNGs, skipping finished ones; returns
-    the run's row (also appended to `store`, default out/samples.jsonl, by rank 0; a failed
-    run appends its row with the error as status, then raises).
+    the run's row (also appended to `store`, default out/samples.jsonl, by rank 0). A run
+    whose latents or pixels turn non-finite writes no PNG for those samples and returns a row
+    whose status is 'error: …' naming the first bad index; any other failure appends its row
+    with the error as status, then raises; Ctrl-C (KeyboardInterrupt) appends nothing.
 
     model: a ptdit model, moved to `device` and cast to `dtype` in place, run in eval mode.
     vae: an AutoencoderKL, or its folder (load_vae). conditions: ClassLabels / Prompts
@@ -342,8 +399,11 @@ def sample(model: nn.Module, *, vae, conditions, num: int, out: str | os.PathLik
     SCHEDULER_STEPS); cfg_scale 1 runs unguided. resolution: pixels, a side or (height,
     width); frames: latent frames for video (None: images). batch_size: samples per forward
     (twice the rows when guided). checkpoint: the model's file, recorded with its sha256
-    ("untrained" if None). on_step(step, t, model_input, model_kwargs): see denoise.
-    write_npz: rank 0 writes out/samples.npz from all the PNGs at the end."""
+    ("untrained" if None); init_seed: the seed untrained weights were drawn with (recorded;
+    with neither, the weights' own sha256 identifies them in run.json). on_step(step, t,
+    model_input, model_kwargs): see denoise. write_npz: rank 0 writes out/samples.npz from
+    all the PNGs at the end. out/run.json records the settings (analysis.sample_writer); a
+    folder holding samples of other settings is refused before anything is written."""
     family = model.config.family
     recipe = FAMILY_RECIPES[family]
     scheduler = scheduler or recipe.scheduler
@@ -351,6 +411,9 @@ def sample(model: nn.Module, *, vae, conditions, num: int, out: str | os.PathLik
         raise ValueError(f"unknown scheduler {scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
     steps = SCHEDULER_STEPS[scheduler] if steps is None else steps
     cfg_scale = recipe.cfg_scale if cfg_scale is None else float(cfg_scale)
+    if not math.isfinite(cfg_scale):
+        raise ValueError(f"cfg_scale {cfg_scale} is not finite; allowed: a finite number (1: "
+                         f"unguided; the family's: {recipe.cfg_scale})")
     guidance_channels = guidance_channels or recipe.guidance_channels
     if guidance_channels not in GUIDANCE_CHANNELS:
         raise ValueError(f"guidance_channels {guidance_channels!r}; allowed: "
@@ -361,6 +424,7 @@ def sample(model: nn.Module, *, vae, conditions, num: int, out: str | os.PathLik
     if not isinstance(start, int) or start < 0:
         raise ValueError(f"start must be a non-negative int, got {start!r}")
     make_scheduler(scheduler).set_timesteps(steps)   # fails on a bad step count, before any work
+    device = check_device(device, "device")
     dtype = model_dtype(dtype)
     conditions = _conditions(conditions)
     guided = cfg_scale != 1
@@ -371,18 +435,62 @@ def sample(model: nn.Module, *, vae, conditions, num: int, out: str | os.PathLik
     vae_folder = vae_folder or str(getattr(vae.config, "_name_or_path", "") or "in memory")
     shape = latent_size(model, vae, resolution, frames)
     size = (shape[-2] * vae_factor(vae), shape[-1] * vae_factor(vae))   # (H, W) pixels
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    store = store if isinstance(store, Store) else Store(store or out / "samples.jsonl")
+    out = check_writable_folder(out, "out")
+    store = store if isinstance(store, Store) else Store(
+        check_writable(store or out / "samples.jsonl", "store"), "samples")
+    with process_group(device) as (rank, world, device), contextlib.ExitStack() as held:
+        return _sample(model, vae, conditions, vae_folder, shape, size, out, store, held,
+                       rank=rank, world=world, device=device, num=num, start=start,
+                       scheduler=scheduler, steps=steps, cfg_scale=cfg_scale,
+                       guidance_channels=guidance_channels, guided=guided, seed=seed,
+                       batch_size=batch_size, frames=frames, dtype=dtype,
+                       write_npz=write_npz, on_step=on_step, checkpoint=checkpoint,
+                       init_seed=init_seed, progress=progress)
 
-    rank, world, started, device = _distributed(device)
-    mine = [start + k for k in range(num) if k % world == rank]
-    todo = [i for i in mine if not sample_writer.finished(out, i, frames, size)]
+
+def _sample(model, vae, conditions, vae_folder, shape, size, out: Path, store: Store,
+            held: contextlib.ExitStack, *, rank, world, device, num, start, scheduler, steps,
+            cfg_scale, guidance_channels, guided, seed, batch_size, frames, dtype, write_npz,
+            on_step, checkpoint, init_seed, progress) -> dict:
+    """sample()'s work on each rank, once its arguments are checked."""
+    family = model.config.family
+    made: list[Path] = []
+    refusal = checkpoint_sha256 = fingerprint = None
+    if rank == 0:   # the folder's settings are checked (and recorded) once, for every rank
+        settings = {
+            "model": getattr(model, "name", None) or family,
+            "model_config": dataclasses.asdict(model.config),
+            "weights": _weights_identity(model, checkpoint, init_seed),
+            "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale,
+            "guidance_channels": guidance_channels if guided else "none",
+            "flow_shift": FLOW_SHIFT if scheduler == "flow" else None, "seed": seed,
+            "conditions": conditions.fingerprint(), "resolution": list(size),
+            "frames": frames, "vae": _vae_identity(vae), "dtype": dtype_name(dtype)}
+        checkpoint_sha256 = settings["weights"].get("checkpoint_sha256")
+        fingerprint = settings["conditions"]
+        try:
+            made = _make_folder(out)
+            held.enter_context(store.lock())   # one writer per folder and store
+            refusal = sample_writer.check_run(out, settings)
+            if refusal is None:
+                sample_writer.write_run(out, settings, {
+                    "checkpoint": str(checkpoint) if checkpoint else "untrained",
+                    "vae": vae_folder, "conditions": _describe(conditions),
+                    "created_by": "analysis.sampling.sample", "git_sha": git_sha()})
+        except (ValueError, OSError) as err:   # every rank must hear of it, not just rank 0
+            refusal = str(err)
+        if refusal is not None:
+            held.close()             # the lock file first: then a new folder is empty again
+            _remove_if_empty(made)
+    refusal = broadcast(refusal)
+    if refusal is not None:
+        raise ValueError(refusal)
+    mine = range(start + rank, start + num, world)
+    sample_writer.remove_temporaries(out, mine)   # a killed run's, of this rank's indices
     model.to(device=device, dtype=dtype)
     vae.to(device)
     was_training = model.training
     model.eval()   # label / caption dropout off
-    checkpoint_sha256 = _sha256(Path(checkpoint)) if checkpoint and rank == 0 else None
 
     def row(status: str, generated: int, skipped: int, seconds: float, npz=None) -> dict:
         return {
@@ -395,25 +503,34 @@ def sample(model: nn.Module, *, vae, conditions, num: int, out: str | os.PathLik
             "model_config": json.dumps(dataclasses.asdict(model.config), sort_keys=True),
             "checkpoint": str(checkpoint) if checkpoint else "untrained",
             "checkpoint_sha256": checkpoint_sha256,
+            "init_seed": None if checkpoint else init_seed,
             "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale,
             "guidance_channels": guidance_channels if guided else "none",
             "flow_shift": FLOW_SHIFT if scheduler == "flow" else None,
             "seed": seed, "index_start": start, "index_stop": start + num,
             "conditions": _describe(conditions),
+            "conditions_sha256": fingerprint,
             "vae": vae_folder, "vae_factor": vae_factor(vae), "vae_temporal_factor": 1,
             "vae_scaling_factor": vae.config.scaling_factor,
             "pixels": "uint8 = clamp(127.5x + 128, 0, 255) truncated (DiT sample_ddp.py)",
             "world_size": world, "images": generated, "skipped": skipped,
             "wall_s": seconds, "images_per_s": generated / seconds if generated else None,
-            "out": str(out), "npz": npz,
+            "out": str(out), "npz": npz, "run_settings": str(out / sample_writer.RUN_FILE),
         }
 
-    began, generated = time.perf_counter(), 0
-    bar = tqdm(total=len(todo), unit="img", desc=f"sampling {len(mine)} of {num} (rank {rank})",
+    began, generated, skipped = time.perf_counter(), 0, 0
+    bad, first_bad = 0, math.inf
+    bar = tqdm(total=len(mine), unit="img", desc=f"sampling {len(mine)} of {num} (rank {rank})",
                disable=not progress or rank != 0)
+
+    def skip() -> None:
+        nonlocal skipped
+        skipped += 1
+        bar.update(1)
+
     try:
-        for b in range(0, len(todo), batch_size):
-            indices = todo[b:b + batch_size]
+        for indices in _batches(mine, lambda i: sample_writer.finished(out, i, frames, size),
+                                batch_size, skip):
             generators = sample_generators(seed, indices)
             noise = initial_noise(generators, shape).to(device, latent_dtype(dtype))
             condition = condition_inputs(model, conditions, indices, guided, device, dtype)
@@ -423,33 +540,44 @@ def sample(model: nn.Module, *, vae, conditions, num: int, out: str | os.PathLik
                               guidance_channels=guidance_channels, generators=generators,
                               on_step=on_step)
             images = decode(vae, latents)             # (B, 3, H, W) or (B, F, 3, H, W)
+            finite = (torch.isfinite(latents).flatten(1).all(1)
+                      & torch.isfinite(images).flatten(1).all(1)).tolist()
             pixels = sample_writer.to_uint8(images.flatten(0, -4))
             pixels = pixels.reshape(len(indices), *images.shape[1:-3], *size, 3)
-            for index, image in zip(indices, pixels):
-                sample_writer.write_sample(out, index, frames, image)
-            generated += len(indices)
+            for index, image, ok in zip(indices, pixels, finite):
+                if ok:
+                    sample_writer.write_sample(out, index, frames, image)
+                    generated += 1
             bar.update(len(indices))
+            if not all(finite):   # a model that makes NaN once makes it again: stop here
+                bad = finite.count(False)
+                first_bad = indices[finite.index(False)]
+                break
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+    except KeyboardInterrupt:
+        raise   # finished PNGs are kept; a rerun resumes (no error row: nothing failed)
     except BaseException as err:
         if rank == 0:
-            store.append(row(status_of(err), generated, len(mine) - len(todo),
-                             time.perf_counter() - began))
+            store.append(row(status_of(err), generated, skipped, time.perf_counter() - began))
         raise
     finally:
         bar.close()
         model.train(was_training)
-    totals = _totals(generated, len(mine) - len(todo), time.perf_counter() - began, device)
-    if world > 1:
-        dist.barrier()   # every rank's PNGs are written
-    npz = None
-    if write_npz and rank == 0:
+    (generated, skipped, bad, first_bad), seconds = _totals(
+        [generated, skipped, bad, first_bad], time.perf_counter() - began, device)
+    generated, skipped = int(generated), int(skipped)
+    barrier()   # every rank's PNGs are written
+    status, npz = "ok", None
+    if bad:
+        status = (f"error: non-finite (NaN/Inf) latents or pixels in {int(bad)} sample(s), "
+                  f"first index {int(first_bad)}; no PNG was written for them (do the weights "
+                  "or the conditions hold NaN/Inf?)")
+    elif write_npz and rank == 0:
         npz = str(sample_writer.write_npz(out, range(start, start + num), frames, size))
-    summary = row("ok", *totals, npz=npz)
+    summary = row(status, generated, skipped, seconds, npz=npz)
     if rank == 0:
-        store.append(summary)
-    if started:
-        dist.destroy_process_group()
+        summary = store.append(summary)
     return summary
 
 
@@ -466,9 +594,7 @@ def _tokens(model: nn.Module, shape: tuple[int, ...]) -> int:
 
 def _describe(conditions: ClassLabels | Prompts) -> str:
     if isinstance(conditions, ClassLabels):
-        labels = conditions.labels.tolist()
-        return f"{len(labels)} class labels {labels[:3]}..." if len(labels) > 3 else \
-            f"class labels {labels}"
+        return f"{conditions.count} class labels {describe_runs(conditions.runs)}"
     return f"{len(conditions)} prompts × {conditions.tokens} tokens from {conditions.source}"
 
 

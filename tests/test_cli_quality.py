@@ -43,7 +43,7 @@ def rows(path) -> list[dict]:
 def test_sample_then_fid_then_clip_score(tmp_path, weights, capsys):
     out = tmp_path / "samples"
     args = ["sample", "--model", "DiT-S/2", "--override", *TINY, "--vae", str(weights / "vae"),
-            "--resolution", "16", "--class-labels", "0-3", "--num", "4", "--steps", "3",
+            "--resolution", "16", "--class-labels", "0-3", "--num-samples", "4", "--steps", "3",
             "--batch-size", "2", "--out", str(out), "--npz"]
     assert main(args) == 0
     names = sorted(p.name for p in out.glob("*.png"))
@@ -53,7 +53,10 @@ def test_sample_then_fid_then_clip_score(tmp_path, weights, capsys):
     assert np.load(out / "samples.npz")["arr_0"].shape == (4, 16, 16, 3)
     (sampled,) = rows(out / "samples.jsonl")
     assert sampled["status"] == "ok" and sampled["scheduler"] == "ddpm"
-    assert sampled["checkpoint"] == "untrained"
+    assert sampled["checkpoint"] == "untrained" and sampled["init_seed"] == 0
+    assert sampled["table"] == "samples" and sampled["world_size"] == 1
+    assert json.loads((out / "run.json").read_text())["settings"]["weights"] == \
+        {"untrained": True, "init_seed": 0}
 
     mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*.png")}
     assert main(args) == 0                                    # rerun: nothing redone
@@ -69,6 +72,7 @@ def test_sample_then_fid_then_clip_score(tmp_path, weights, capsys):
                  str(weights / "inception.pth"), "--store", str(store)]) == 0
     (fid,) = rows(store)
     assert fid["metric"] == "fid" and np.isfinite(fid["fid"]) and fid["fid"] > 0
+    assert fid["fid_raw"] == fid["fid"] and fid["fid_clamped"] is False
     assert (fid["n_samples"], fid["n_reference"], fid["antialias"]) == (4, 5, False)
 
     captions = tmp_path / "captions.txt"
@@ -85,7 +89,7 @@ def test_sample_then_fid_then_clip_score(tmp_path, weights, capsys):
     (["fid", "SAMPLES", "SAMPLES"], "--inception-weights", "PTDIT_INCEPTION_WEIGHTS"),
     (["clip-score", "SAMPLES", "CAPTIONS"], "--clip-weights", "PTDIT_CLIP_WEIGHTS"),
     (["sample", "--model", "DiT-S/2", "--resolution", "256", "--class-labels", "0",
-      "--num", "1", "--out", "OUT"], "--vae", "PTDIT_VAE"),
+      "--num-samples", "1", "--out", "OUT"], "--vae", "PTDIT_VAE"),
 ])
 def test_missing_weights_fail_naming_the_flag_and_variable(tmp_path, monkeypatch, capsys,
                                                            command, flag, variable):
@@ -95,3 +99,144 @@ def test_missing_weights_fail_naming_the_flag_and_variable(tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert flag in err and variable in err and "https://" in err
     assert not (tmp_path / "OUT").exists()
+
+
+SAMPLE = ["sample", "--model", "DiT-S/2", "--override", *TINY, "--resolution", "16",
+          "--class-labels", "0-3", "--steps", "1", "--scheduler", "flow"]
+
+
+def one_line_error(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith(f"ptdit {command}: error: ") and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("old, new, theirs", [("--num", "--num-samples", "--numa-binding"),
+                                               ("--start", "--first-index", "--start-method")])
+def test_old_sample_flags_are_an_error_naming_the_new_flag(tmp_path, capsys, old, new, theirs):
+    with pytest.raises(SystemExit) as exit_:
+        main([*SAMPLE, "--num-samples", "2", "--out", str(tmp_path / "out"), old, "2"])
+    assert exit_.value.code == 2
+    err = one_line_error(capsys, "sample")
+    assert f"{old} was renamed {new}" in err and "torchrun" in err and theirs in err
+    with pytest.raises(SystemExit):   # no prefix stands for a flag
+        main([*SAMPLE, "--num-samples", "2", "--first-ind", "3", "--out", str(tmp_path / "out")])
+    assert "unrecognized arguments: --first-ind 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*SAMPLE, "--num-samp", "2", "--out", str(tmp_path / "out")])
+    assert "required: --num-samples" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+CUDA_ABSENT = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+
+@pytest.mark.parametrize("device, message", [
+    ("foo", "--device 'foo' is not a device.*allowed: cpu, cuda, cuda:N"),
+    pytest.param("cuda", "--device cuda was asked for but CUDA is not available",
+                 marks=CUDA_ABSENT)])
+@pytest.mark.parametrize("command", [
+    [*SAMPLE, "--num-samples", "1", "--out", "OUT"], ["fid", "OUT", "OUT"],
+    ["clip-score", "OUT", "OUT"]])
+def test_devices_are_checked_before_anything_else(tmp_path, capsys, device, message, command):
+    argv = [str(tmp_path / a) if a == "OUT" else a for a in command]
+    assert main([*argv, "--device", device]) == 2
+    import re
+    assert re.search(message, one_line_error(capsys, command[0]))
+    assert not (tmp_path / "OUT").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_cfg_scale_is_refused(tmp_path, weights, capsys, value):
+    argv = [*SAMPLE, "--vae", str(weights / "vae"), "--num-samples", "1", "--out",
+            str(tmp_path / "out"), f"--cfg-scale={value}"]
+    assert main(argv) == 2
+    assert f"--cfg-scale {float(value)} is not finite" in one_line_error(capsys, "sample")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_sample_that_turns_non_finite_exits_1_without_its_png(tmp_path, weights,
+                                                                monkeypatch, capsys):
+    from ptdit import cli
+
+    real = cli._sample_model
+
+    def poisoned(args):
+        model = real(args)
+        with torch.no_grad():
+            model.final_layer.linear.weight[0, 0] = float("inf")
+        return model
+    monkeypatch.setattr(cli, "_sample_model", poisoned)
+    out = tmp_path / "out"
+    assert main([*SAMPLE, "--vae", str(weights / "vae"), "--num-samples", "2", "--out",
+                 str(out)]) == 1
+    (row,) = rows(out / "samples.jsonl")
+    assert row["status"].startswith("error: non-finite") and "first index 0" in row["status"]
+    assert not list(out.glob("*.png"))
+
+
+def test_untrained_weights_are_drawn_under_the_init_seed(monkeypatch):
+    from ptdit.cli import _sample_model, build_parser
+
+    def weights(*extra):
+        args = build_parser().parse_args([*SAMPLE, "--num-samples", "1", "--out", "o", *extra])
+        return _sample_model(args).state_dict()
+
+    state = torch.random.get_rng_state()
+    first, again = weights("--seed", "5"), weights("--init-seed", "5", "--seed", "9")
+    other = weights("--seed", "6")
+    assert torch.equal(torch.random.get_rng_state(), state)   # the global RNG is untouched
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+@pytest.mark.parametrize("where", ["sample", "fid", "clip-score"])
+def test_unwritable_outputs_fail_before_any_work(tmp_path, weights, capsys, where):
+    """An output under a file: a one-line error naming the flag, before the VAE, Inception or
+    CLIP is loaded (their weights are missing here: the output check comes first)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    images = tmp_path / "images"
+    images.mkdir()
+    argv = {"sample": [*SAMPLE, "--num-samples", "1", "--vae", str(tmp_path / "no-vae"),
+                       "--out", str(blocker / "out")],
+            "fid": ["fid", str(images), str(images), "--inception-weights",
+                    str(weights / "inception.pth"), "--store", str(blocker / "rows.jsonl")],
+            "clip-score": ["clip-score", str(images), str(tmp_path / "captions.txt"),
+                           "--clip-weights", str(weights / "clip.pt"), "--store",
+                           str(blocker / "rows.jsonl")]}[where]
+    assert main(argv) == 2
+    err = one_line_error(capsys, where)
+    assert ("--out" if where == "sample" else "--store") in err and "is a file" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "images"]
+
+
+def test_failed_runs_leave_no_new_folders(tmp_path, weights, capsys):
+    out = tmp_path / "new" / "dir"
+    assert main([*SAMPLE[:-6], "--class-labels", "0-99999999999", "--steps", "1",
+                 "--vae", str(weights / "vae"), "--num-samples", "1", "--out", str(out)]) == 2
+    assert "out of range for DiT" in one_line_error(capsys, "sample")
+    store = tmp_path / "rows" / "fid.jsonl"
+    assert main(["fid", str(tmp_path / "no-samples"), str(tmp_path / "no-reference"),
+                 "--inception-weights", str(weights / "inception.pth"), "--store",
+                 str(store)]) == 2
+    assert "does not exist" in one_line_error(capsys, "fid")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_text_file_as_prompt_embeddings_is_named(tmp_path, weights, capsys):
+    (tmp_path / "prompts.pt").write_text("a red cat\n")
+    argv = ["sample", "--model", "PT-DiT/XL", "--override", *TINY, "caption_channels=24",
+            "windows_per_side=2", "--resolution", "16", "--vae", str(weights / "vae"),
+            "--prompt-embeddings", str(tmp_path / "prompts.pt"), "--num-samples", "1",
+            "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert "prompts.pt' cannot be read" in one_line_error(capsys, "sample")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_non_finite_override_is_refused(tmp_path, weights, capsys):
+    assert main([*SAMPLE, "--override", "mlp_ratio=nan", "--vae", str(weights / "vae"),
+                 "--num-samples", "1", "--out", str(tmp_path / "out")]) == 2
+    assert "--override mlp_ratio=nan: not finite" in one_line_error(capsys, "sample")
+    assert not (tmp_path / "out").exists()

@@ -271,3 +271,26 @@ def test_a_broken_clip_file_is_named(tmp_path, no_network):
     with pytest.raises(ValueError, match="ViT-B-32.pt' cannot be loaded by clip.load"):
         clip_score(random_images(2), random_captions(2), clip_weights=path)
     assert no_network == []
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("captions.txt", "un café\nthé\n".encode("latin-1"), "is not UTF-8 text"),
+    ("captions.csv", "file,caption\n000000,café\n".encode("latin-1"), "is not UTF-8 text"),
+    ("captions.json", b'{"000000": "x", "000001": }', "is not valid JSON .line 1 column"),
+])
+def test_unreadable_caption_files_are_named_with_the_problem(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=f"captions file '.*{name}' {message}"):
+        read_captions(tmp_path / name, ["000000", "000001"])
+
+
+def test_a_folder_given_as_captions_is_named_as_a_folder(tmp_path):
+    (tmp_path / "captions").mkdir()
+    with pytest.raises(ValueError, match="captions' is a folder; allowed: a text file"):
+        read_captions(tmp_path / "captions", ["000000"])
+
+
+def test_an_empty_clip_weights_file_says_so(tmp_path, no_network):
+    (tmp_path / "ViT-B-32.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"ViT-B-32.pt' .*is empty \(0 bytes\); expected"):
+        clip_score(random_images(2), random_captions(2), clip_weights=tmp_path / "ViT-B-32.pt")

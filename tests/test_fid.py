@@ -6,6 +6,7 @@ weights and bad input refused at once, with no network call."""
 
 import hashlib
 import json
+import os
 import time
 
 import numpy as np
@@ -400,3 +401,94 @@ def test_statistics_are_float64_sums(two_sets):
                  "fake_features_cov_sum"):
         assert getattr(metric, name).dtype == torch.float64
     assert fid_module.Float64Features(Pixels(), 3)(encode(two_sets[0])).dtype == torch.float64
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics checked before the square root; the clamp at 0; the cache keyed on contents
+# ----------------------------------------------------------------------------------------------
+
+def statistics_file(path, mu, sigma, meta=None):
+    extra = {} if meta is None else {"meta": np.array(json.dumps(meta))}
+    np.savez(path, mu=mu, sigma=sigma, **extra)
+    return path
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda mu, sigma: mu.__setitem__(1, np.nan), "mu holds 1 NaN or infinite value"),
+    (lambda mu, sigma: sigma.__setitem__((2, 3), np.inf), "sigma holds 1 NaN or infinite"),
+    (lambda mu, sigma: sigma.__setitem__((0, 3), sigma[3, 0] + 1), "sigma is not symmetric"),
+])
+def test_bad_reference_statistics_are_refused_naming_the_file(tmp_path, two_sets, damage,
+                                                              message):
+    mu, sigma = (x.numpy().copy() for x in random_gaussian())
+    damage(mu, sigma)
+    path = statistics_file(tmp_path / "VIRTUAL_ref.npz", mu, sigma)
+    with pytest.raises(ValueError, match=f"VIRTUAL_ref.npz'.*: {message}"):
+        fid(encode(two_sets[0]), path, extractor=Decode())
+
+
+def test_bad_cached_statistics_are_refused_naming_the_cache(tmp_path, two_sets):
+    write_pngs(tmp_path / "ref", encode(two_sets[1]))
+    fid(encode(two_sets[0]), tmp_path / "ref", extractor=Decode())
+    cache = cache_path(tmp_path / "ref")
+    with np.load(cache) as f:
+        meta, mu, sigma = json.loads(str(f["meta"])), f["mu"].copy(), f["sigma"].copy()
+    sigma[0, 0] = np.nan
+    statistics_file(cache, mu, sigma, meta)
+    with pytest.raises(ValueError, match="cached FID statistics .*ref.fid-stats.npz.*sigma "
+                                         "holds 1 NaN"):
+        fid(encode(two_sets[0]), tmp_path / "ref", extractor=Decode())
+
+
+def test_a_negative_distance_is_clamped_at_zero_and_said(two_sets, monkeypatch):
+    import torchmetrics.image.fid as tm_fid
+
+    images = encode(two_sets[0])
+    row = fid(images, images, extractor=Decode())
+    assert row["fid"] == max(row["fid_raw"], 0.0) >= 0
+    assert row["fid_clamped"] is (row["fid_raw"] < 0) and abs(row["fid_raw"]) < 1e-9
+    monkeypatch.setattr(tm_fid, "_compute_fid",
+                        lambda *args: torch.tensor(-4e-21, dtype=torch.float64))
+    row = fid(images, images, extractor=Decode())
+    assert (row["fid"], row["fid_raw"], row["fid_clamped"]) == (0.0, -4e-21, True)
+
+
+def test_the_cache_notices_an_image_replaced_with_the_same_size_and_mtime(tmp_path, two_sets):
+    """BMP files of one size have one byte count: a replaced image keeps the file's size, and
+    os.utime puts its mtime back; only the contents tell."""
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    reference = encode(two_sets[1][:40])
+    for i, image in enumerate(reference):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.bmp")
+    first = fid(encode(two_sets[0]), folder, extractor=Decode())
+    assert fid(encode(two_sets[0]), folder, extractor=Decode())["reference"] == \
+        "cached statistics"
+    victim = folder / f"{int(torch.randint(0, 40, ())):03d}.bmp"
+    stat = victim.stat()
+    replacement = encode(torch.randn(1, DIM, dtype=torch.float64) * 3)[0]
+    Image.fromarray(replacement.permute(1, 2, 0).numpy()).save(victim)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (victim.stat().st_size, victim.stat().st_mtime_ns) == (stat.st_size,
+                                                                   stat.st_mtime_ns)
+    again = fid(encode(two_sets[0]), folder, extractor=Decode())
+    assert again["reference"] == "computed from images" and again["fid"] != first["fid"]
+
+
+def test_the_cache_notices_changed_bytes_inside_a_reference_npz(tmp_path, two_sets):
+    path = tmp_path / "ref.npz"
+    np.savez(path, encode(two_sets[1]).permute(0, 2, 3, 1).numpy())
+    fid(encode(two_sets[0]), path, extractor=Decode())
+    stat, data = path.stat(), bytearray(path.read_bytes())
+    data[-200] ^= 0xFF                                    # one byte of the last image
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert fid(encode(two_sets[0]), path, extractor=Decode())["reference"] == \
+        "computed from images"
+
+
+def test_an_empty_inception_weights_file_says_so(tmp_path, no_network):
+    (tmp_path / "weights.pth").write_bytes(b"")
+    images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"weights.pth' .*is empty \(0 bytes\)"):
+        fid(images, images, inception_weights=tmp_path / "weights.pth")

@@ -17,8 +17,8 @@ go_offline()
 from diffusers import AutoencoderKL  # noqa: E402  (after go_offline)
 
 from analysis import sample_writer  # noqa: E402
-from analysis.conditions import (ClassLabels, class_conditions, encode_prompts,  # noqa: E402
-                                 make_prompts, prompt_embeddings)
+from analysis.conditions import (ClassLabels, check_conditions, class_conditions,  # noqa: E402
+                                 encode_prompts, make_prompts, prompt_embeddings)
 from analysis.sampling import (decode, guide, initial_noise, load_vae, sample,  # noqa: E402
                                sample_generators, sample_seed)
 from bench.rows import check_row  # noqa: E402
@@ -386,7 +386,7 @@ def test_resume_skips_whole_pngs_and_redoes_damaged(vae, tmp_path):
     assert (row["images"], row["skipped"]) == (2, 2)
     assert {n: os.stat(tmp_path / n).st_mtime_ns for n in whole} == whole
     assert sorted(p.name for p in tmp_path.iterdir()) == \
-        ["000000.png", "000001.png", "000002.png", "000003.png", "samples.jsonl"]
+        ["000000.png", "000001.png", "000002.png", "000003.png", "run.json", "samples.jsonl"]
     for name, image in pngs(tmp_path).items():
         np.testing.assert_array_equal(image, first[name])
     assert len((tmp_path / "samples.jsonl").read_text().splitlines()) == 2
@@ -544,3 +544,167 @@ def test_decode_divides_by_the_scaling_factor(vae):
     video = decode(vae, torch.stack([latents, -latents], dim=2))   # (B, C, F, h, w)
     assert video.shape == (2, 2, 3, 16, 16)
     torch.testing.assert_close(video[:, 0], expected)
+
+
+#################################################################################
+#             run.json, stale temporaries, non-finite values, sizes             #
+#################################################################################
+
+def test_a_folder_of_other_settings_is_refused_naming_each_change(vae, tmp_path):
+    """run.json records what makes the pixels: a rerun with another seed, step count, cfg
+    scale, labels or model is refused before any PNG is written, naming each field (old →
+    new); the count, first index and batch size may change (a resume)."""
+    model = small_model("DiT", dtype=torch.float32)
+    base = dict(num=2, batch_size=2, scheduler="flow", steps=1, seed=3,
+                conditions=class_conditions("0-3"))
+    run(model, vae, tmp_path, **base)
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["settings"]["seed"] == 3 and record["settings"]["steps"] == 1
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for change, fields in [
+            (dict(seed=4), ["seed: 3 → 4"]),
+            (dict(steps=2, cfg_scale=2.0), ["steps: 1 → 2", "cfg_scale: 4.0 → 2.0"]),
+            (dict(conditions=class_conditions("0-4")), ["conditions: "]),
+            (dict(scheduler="ddpm"), ["scheduler: \"flow\" → \"ddpm\""])]:
+        with pytest.raises(ValueError) as err:
+            run(model, vae, tmp_path, **{**base, **change})
+        message = str(err.value)
+        assert "\n" not in message and "another --out" in message
+        assert all(field in message for field in fields), message
+    other = small_model("DiT", dtype=torch.float32)            # other weights, same config
+    with pytest.raises(ValueError, match="weights.weights_sha256: "):
+        run(other, vae, tmp_path, **base)
+    with pytest.raises(ValueError, match=r"model_config.depth: 2 → 1"):
+        run(small_model("DiT", dtype=torch.float32, depth=1), vae, tmp_path, **base)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before   # nothing written
+    row = run(model, vae, tmp_path, **{**base, "num": 3, "batch_size": 1})   # resume: fine
+    assert (row["images"], row["skipped"], row["status"]) == (1, 2, "ok")
+    row = run(model, vae, tmp_path, **{**base, "num": 1, "start": 3})
+    assert (row["images"], row["status"]) == (1, "ok")
+
+
+def test_samples_without_a_record_are_not_resumed(vae, tmp_path):
+    Image.fromarray(np.zeros((RESOLUTION, RESOLUTION, 3), np.uint8)).save(tmp_path / "000000.png")
+    with pytest.raises(ValueError, match="holds samples .000000.png.*no run.json"):
+        run(small_model("DiT", dtype=torch.float32), vae, tmp_path, steps=1, scheduler="flow")
+
+
+def test_stale_temporaries_of_this_runs_indices_are_removed(vae, tmp_path):
+    model = small_model("DiT", dtype=torch.float32)
+    kw = dict(num=2, batch_size=2, scheduler="flow", steps=1, conditions=class_conditions("1"))
+    run(model, vae, tmp_path, **kw)
+    for name in ("000001.png.tmp", "000005.png.tmp"):   # killed writes: in and out of range
+        (tmp_path / name).write_bytes(b"half")
+    row = run(model, vae, tmp_path, **kw)                 # everything finished already
+    assert row["skipped"] == 2 and not (tmp_path / "000001.png.tmp").exists()
+    assert (tmp_path / "000005.png.tmp").exists()         # another run's index: left alone
+
+
+def test_untrained_weights_are_recorded_by_their_init_seed(vae, tmp_path):
+    model = small_model("DiT", dtype=torch.float32)
+    kw = dict(steps=1, scheduler="flow", conditions=class_conditions("1"))
+    row = run(model, vae, tmp_path / "a", init_seed=7, **kw)
+    assert row["checkpoint"] == "untrained" and row["init_seed"] == 7
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["settings"]["weights"] == \
+        {"untrained": True, "init_seed": 7}
+    with pytest.raises(ValueError, match="weights.init_seed: 7 → 8"):
+        run(model, vae, tmp_path / "a", init_seed=8, **kw)
+
+
+def test_non_finite_latents_make_an_error_row_and_no_pngs(vae, tmp_path):
+    model = small_model("DiT", dtype=torch.float32)
+    with torch.no_grad():
+        model.final_layer.linear.bias[0] = float("inf")   # every sample's output
+    row = run(model, vae, tmp_path, num=3, batch_size=2, scheduler="flow", steps=1, start=5)
+    assert row["status"].startswith("error: non-finite") and "first index 5" in row["status"]
+    assert row["images"] == 0 and not list(tmp_path.glob("*.png"))
+    (stored,) = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text()
+                 .splitlines()]
+    assert stored["status"] == row["status"]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_cfg_scale_is_refused(vae, tmp_path, value):
+    with pytest.raises(ValueError, match="cfg_scale .* is not finite"):
+        run(small_model("DiT", dtype=torch.float32), vae, tmp_path / "out", cfg_scale=value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key", ["embeddings", "null_embedding"])
+def test_non_finite_prompt_embeddings_are_refused_naming_the_file(tmp_path, key):
+    prompts = random_prompts(3, 5)
+    tensors = {"embeddings": prompts.embeddings, "mask": prompts.mask,
+               "null_embedding": prompts.null_embedding, "null_mask": prompts.null_mask}
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[int(torch.randint(0, tensors[key].numel(), ()))] = float("nan")
+    torch.save(tensors, tmp_path / "prompts.pt")
+    with pytest.raises(ValueError, match=f"prompts.pt: '{key}' holds NaN or infinite"):
+        prompt_embeddings(tmp_path / "prompts.pt")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"not a safetensors file at all", "cannot be read"),
+    (None, "cannot be read"),                       # a truncated real file
+    (b"", "is empty .0 bytes."),
+])
+def test_damaged_safetensors_are_named(tmp_path, content, message):
+    from safetensors.torch import save_file
+    prompts = random_prompts(2, 5)
+    path = tmp_path / "prompts.safetensors"
+    save_file({"embeddings": prompts.embeddings, "mask": prompts.mask}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if content is None else content)
+    with pytest.raises(ValueError, match=f"prompts.safetensors' {message}"):
+        prompt_embeddings(path)
+
+
+def test_non_tensor_pickles_and_text_files_are_named(tmp_path):
+    torch.save({"embeddings": Trace, "mask": None}, tmp_path / "objects.pt")   # a class
+    with pytest.raises(ValueError, match="objects.pt' cannot be read .*dict of tensors"):
+        prompt_embeddings(tmp_path / "objects.pt")
+    (tmp_path / "text.pt").write_text("a red cat\n")
+    with pytest.raises(ValueError, match="text.pt' cannot be read"):
+        prompt_embeddings(tmp_path / "text.pt")
+    (tmp_path / "prompts.txt").write_text("a red cat\n")
+    with pytest.raises(ValueError, match="unknown file type '.txt'.*--prompts"):
+        prompt_embeddings(tmp_path / "prompts.txt")
+
+
+def test_huge_label_ranges_are_runs_checked_against_the_model():
+    labels = class_conditions("0-99999999999")            # never a list of 10^11 ints
+    assert labels.count == 10**11 and labels.runs == (range(0, 10**11),)
+    i = torch.randint(0, 2**40, (5,))
+    assert torch.equal(labels.at(i.tolist()), i % 10**11)
+    mixed = class_conditions("7,100-199,3")
+    assert mixed.at([0, 1, 100, 101, 102, 206]).tolist() == [7, 100, 199, 3, 7, 101]
+    with pytest.raises(ValueError, match=r"\[1000, 1001.*\] and 99999998992 more out of range"
+                                         r" for DiT.*0..999"):
+        check_conditions(small_model("DiT", num_classes=1000), labels, guided=True)
+
+
+def test_a_huge_run_starts_at_once(vae, tmp_path):
+    """10^12 indices: the first batch runs without a list of every index being built (the
+    alarm is a guard against a hang, not a timing)."""
+    import signal
+
+    class Started(Exception):
+        pass
+
+    def stop(*_):
+        raise Started
+
+    def hung(*_):
+        raise AssertionError("sampling 10^12 indices did not start within 120 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        with pytest.raises(Started):
+            run(small_model("DiT", dtype=torch.float32), vae, tmp_path, num=10**12,
+                scheduler="flow", steps=1, on_step=stop)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    (row,) = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text()
+              .splitlines()]
+    assert row["status"] == "error: Started" and row["index_stop"] == 10**12

@@ -21,12 +21,14 @@ Captions: a list, a text file with one caption per line in the images' order (so
 names), a .csv with columns `file,caption`, or a .json object {file name: caption}; entries for
 images not in the set are ignored.
 
-Under torch.distributed each rank scores its shard of the pairs (analysis.images) and the sums
-are all-reduced in float64, so the score does not depend on the number of processes.
+Under torch.distributed (torchrun: analysis.distributed starts the process group) each rank
+scores its shard of the pairs (analysis.images) and the sums are all-reduced in float64, so the
+score does not depend on the number of processes.
 """
 
 import csv
 import functools
+import io
 import json
 import os
 import warnings
@@ -38,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distributed import check_device, process_group
 from ..images import Source, image_names, read_images, shard
 from ..offline import CLIP
 from . import file_sha256, result_row, source_name
@@ -124,16 +127,31 @@ def clip_preprocess(resolution: int) -> Callable[[Tensor], Tensor]:
 # Captions
 # ----------------------------------------------------------------------------------------------
 
+def _read_text(path: Path) -> str:
+    """The captions file's text; ValueError naming it when it is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"captions file {str(path)!r} is not UTF-8 text ({err.reason} at byte "
+                         f"{err.start}: {err.object[err.start:err.start + 4]!r}); save it as "
+                         "UTF-8") from None
+
+
 def _mapping(path: Path) -> dict:
     """file name -> caption from a .csv (columns file, caption) or a .json object."""
     if path.suffix.lower() == ".json":
-        mapping = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            mapping = json.loads(_read_text(path))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"captions file {str(path)!r} is not valid JSON (line {err.lineno} "
+                             f"column {err.colno}: {err.msg}); allowed JSON is one object "
+                             '{"file name": "caption", …}') from None
         if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
             raise ValueError(f"captions file {str(path)!r}: allowed JSON is one object "
                              '{"file name": "caption", …}')
         return mapping
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    try:
         if not {"file", "caption"} <= set(reader.fieldnames or ()):
             raise ValueError(f"captions file {str(path)!r} has columns {reader.fieldnames}; "
                              "allowed: a header with the columns file, caption")
@@ -143,7 +161,9 @@ def _mapping(path: Path) -> dict:
                 raise ValueError(f"captions file {str(path)!r} line {line}: a second caption "
                                  f"for {entry['file']!r}; allowed: one per file")
             mapping[entry["file"]] = entry["caption"] or ""
-        return mapping
+    except csv.Error as err:
+        raise ValueError(f"captions file {str(path)!r} is not a readable CSV ({err})") from None
+    return mapping
 
 
 def read_captions(captions: str | os.PathLike | Sequence[str], names: Sequence[str]) -> list[str]:
@@ -151,9 +171,12 @@ def read_captions(captions: str | os.PathLike | Sequence[str], names: Sequence[s
     caption or image that is missing or empty, or the counts that differ."""
     if isinstance(captions, (str, os.PathLike)):
         path = Path(captions).expanduser()
+        allowed = ("allowed: a text file (one caption per line), a .csv (file, caption) or a "
+                   ".json object")
+        if path.is_dir():
+            raise ValueError(f"captions file {str(path)!r} is a folder; {allowed}")
         if not path.is_file():
-            raise ValueError(f"captions file {str(path)!r} does not exist; allowed: a text file "
-                             "(one caption per line), a .csv (file, caption) or a .json object")
+            raise ValueError(f"captions file {str(path)!r} does not exist; {allowed}")
         if path.suffix.lower() in (".csv", ".json"):
             mapping = _mapping(path)
             missing = [name for name in names if name not in mapping]
@@ -163,7 +186,7 @@ def read_captions(captions: str | os.PathLike | Sequence[str], names: Sequence[s
                                  f"keys start {list(mapping)[:3]}")
             texts, labels = [mapping[name] for name in names], [f"image {n!r}" for n in names]
         else:
-            texts = path.read_text(encoding="utf-8").splitlines()
+            texts = _read_text(path).splitlines()
             labels = [f"line {i}" for i in range(1, len(texts) + 1)]
         what = f"captions file {str(path)!r}"
     else:
@@ -202,38 +225,42 @@ def clip_score(samples: Source, captions: str | os.PathLike | Sequence[str], *,
     Returns the row: `clip_score`, `n_pairs`, `captions_truncated`, `convention`,
     `convention_note`, `backbone`, `backbone_from`, `weights_file`, `weights_sha256`,
     `context_length`, `input_resolution`, `preprocess`, `captions_path` and DESIGN's row fields.
+    Under torchrun (WORLD_SIZE > 1) a process group is started if none runs
+    (analysis.distributed).
     """
     names = image_names(samples)
     if not names:
         raise ValueError(f"CLIP score needs at least 1 image, got 0 (from "
                          f"{source_name(samples)})")
     texts = read_captions(captions, names)
-    weights = None
-    if model is None:
-        model, weights = load_clip(clip_weights, device)
-    clip = _clip()
-    resolution, context = model.visual.input_resolution, model.context_length
-    how = PREPROCESS if preprocess is None else f"custom {getattr(preprocess, '__qualname__', '')}"
-    preprocess = preprocess or clip_preprocess(resolution)
-    rank, world = shard()
-    texts = texts[rank::world]  # this rank's shard, in the order read_images yields its images
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # score sum, pairs, truncated
-    done = 0
-    with torch.no_grad():
-        for images in read_images(samples, batch_size=batch_size, rank=rank, world_size=world):
-            batch_texts, done = texts[done:done + len(images)], done + len(images)
-            tokens = clip.tokenize(batch_texts, context_length=context, truncate=True)
-            image = model.encode_image(preprocess(images.to(device)))      # (B, E)
-            text = model.encode_text(tokens.to(device))                    # (B, E)
-            cos = (F.normalize(image.double(), dim=-1)
-                   * F.normalize(text.double(), dim=-1)).sum(-1)               # (B,)
-            truncated = sum(len(_tokenizer().encode(t)) + 2 > context for t in batch_texts)
-            sums += torch.tensor([(100 * cos.clamp(min=0)).sum().item(), len(images), truncated],
-                                 dtype=torch.float64, device=device)
-    total, pairs, truncated = _all_reduce(sums).tolist()
-    row = result_row(metric="clip_score", samples=samples, device=device,
-                     backend=f"clip-anytorch {version('clip-anytorch')}",
-                     dtype=str(model.dtype).removeprefix("torch."), batch=batch_size)
+    with process_group(check_device(device, "device")) as (rank, world, device):
+        weights = None
+        if model is None:
+            model, weights = load_clip(clip_weights, device)
+        clip = _clip()
+        resolution, context = model.visual.input_resolution, model.context_length
+        how = (PREPROCESS if preprocess is None
+               else f"custom {getattr(preprocess, '__qualname__', '')}")
+        preprocess = preprocess or clip_preprocess(resolution)
+        texts = texts[rank::world]  # this rank's shard, in read_images' order of its images
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # score sum, pairs, truncated
+        done = 0
+        with torch.no_grad():
+            for images in read_images(samples, batch_size=batch_size, rank=rank,
+                                      world_size=world):
+                batch_texts, done = texts[done:done + len(images)], done + len(images)
+                tokens = clip.tokenize(batch_texts, context_length=context, truncate=True)
+                image = model.encode_image(preprocess(images.to(device)))   # (B, E)
+                text = model.encode_text(tokens.to(device))                 # (B, E)
+                cos = (F.normalize(image.double(), dim=-1)
+                       * F.normalize(text.double(), dim=-1)).sum(-1)            # (B,)
+                truncated = sum(len(_tokenizer().encode(t)) + 2 > context for t in batch_texts)
+                sums += torch.tensor([(100 * cos.clamp(min=0)).sum().item(), len(images),
+                                      truncated], dtype=torch.float64, device=device)
+        total, pairs, truncated = _all_reduce(sums).tolist()
+        row = result_row(metric="clip_score", samples=samples, device=device,
+                         backend=f"clip-anytorch {version('clip-anytorch')}",
+                         dtype=str(model.dtype).removeprefix("torch."), batch=batch_size)
     return {**row, "clip_score": total / pairs, "n_pairs": int(pairs),
             "captions_truncated": int(truncated), "convention": CONVENTION,
             "convention_note": CONVENTION_NOTE, "backbone": backbone(model),

@@ -11,12 +11,19 @@ Inception-v3 (pool3, 2048 features), loaded from a local file (`analysis.offline
   distance in float64 (torchmetrics returns it in the features' dtype, so the features are cast
   to float64 before they reach it: `Float64Features`).
 Reference statistics (mu, sigma, n) are computed once per reference set and cached in an .npz
-(`<reference>.fid-stats.npz`, or in `cache_dir`) with the settings and the set's file count,
-bytes and latest mtime; a cache that differs in any of them is recomputed. An .npz with `mu`
-and `sigma` (ADM's reference batches, e.g. VIRTUAL_imagenet256_labeled.npz) is used as it is.
-Under torch.distributed each rank reads its shard of the images (analysis.images) and
-torchmetrics sums the ranks' states (dist_reduce_fx="sum"), so FID does not depend on the
-number of processes.
+(`<reference>.fid-stats.npz`, or in `cache_dir`) with the settings and what identifies the
+set's contents: every file's name, size and mtime (hashed), and a sha256 over a deterministic
+sample of the contents (a folder: up to 64 files spread over the sorted list; an .npz: 64
+blocks spread over the file), so an image replaced by another of the same size and mtime
+still invalidates the cache; a cache that differs in any of them is recomputed. An .npz with
+`mu` and `sigma` (ADM's reference batches, e.g. VIRTUAL_imagenet256_labeled.npz) is used as
+it is. Statistics read from a file or a cache are checked before the matrix square root (mu
+(D,), sigma (D, D), finite, sigma symmetric): a NaN there would crash the linear algebra.
+A distance below 0 (float rounding, e.g. a set against itself: -4e-21) is reported as 0, with
+`fid_clamped` true and the raw value in `fid_raw`.
+Under torch.distributed (torchrun: analysis.distributed starts the process group) each rank
+reads its shard of the images (analysis.images) and torchmetrics sums the ranks' states
+(dist_reduce_fx="sum"), so FID does not depend on the number of processes.
 """
 
 import hashlib
@@ -30,6 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..distributed import check_device, process_group
 from ..images import Source, count_images, image_names, quantisation, read_images, shard
 from ..offline import INCEPTION
 from . import file_sha256, result_row, source_name
@@ -39,7 +47,10 @@ RESIZE = {False: "torch-fidelity TF1-compatible bilinear to 299x299",
           True: "torch bilinear antialias to 299x299"}
 STATISTICS_DTYPE = "float64"
 CACHE_SUFFIX = ".fid-stats.npz"
-CACHE_FORMAT = "ptdit fid-stats 1"
+CACHE_FORMAT = "ptdit fid-stats 2"   # 2: keyed on a content sample too
+SAMPLED_FILES = 64                    # files of a reference folder whose bytes key the cache
+SAMPLED_BLOCKS, BLOCK_BYTES = 64, 1 << 16   # blocks of a reference .npz that key the cache
+SYMMETRY_TOLERANCE = 1e-6             # largest |sigma - sigma^T|, relative to max |sigma|
 # the settings that statistics cached or precomputed by ptdit must share with the run using them
 CACHE_SETTINGS = ("feature_extractor", "feature_dim", "resize", "antialias", "weights_sha256",
                   "statistics_dtype")
@@ -61,6 +72,11 @@ class Float64Features(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images).double()  # (N, 3, H, W) uint8 -> (N, D) float64
+
+
+def _torchmetrics_version() -> str:
+    import torchmetrics   # loaded by now; not before the weights check, which takes a moment
+    return torchmetrics.__version__
 
 
 def _dtype_of(module: nn.Module) -> str:
@@ -155,12 +171,61 @@ def _write_statistics(path: Path, mu: np.ndarray, sigma: np.ndarray, meta: dict)
                       stacklevel=3)
 
 
+def _content_sample(path: Path, files: list[Path]) -> str:
+    """sha256 over a deterministic sample of the set's bytes: a folder's files at up to
+    SAMPLED_FILES positions spread over the sorted list (all of a smaller set), or an .npz's
+    SAMPLED_BLOCKS blocks spread over the file (all of a smaller file)."""
+    digest = hashlib.sha256()
+    if path.is_file():
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            if size <= SAMPLED_BLOCKS * BLOCK_BYTES:
+                digest.update(f.read())
+            else:
+                for k in range(SAMPLED_BLOCKS):
+                    f.seek(k * (size - BLOCK_BYTES) // (SAMPLED_BLOCKS - 1))
+                    digest.update(f.read(BLOCK_BYTES))
+        return digest.hexdigest()
+    last = len(files) - 1
+    picks = sorted({k * last // (SAMPLED_FILES - 1) for k in range(SAMPLED_FILES)})
+    for i in picks if len(files) > SAMPLED_FILES else range(len(files)):
+        digest.update(f"{files[i].name}\n".encode())
+        digest.update(files[i].read_bytes())
+    return digest.hexdigest()
+
+
 def _stamp(path: Path) -> dict:
-    """What identifies a reference set's contents cheaply: path, file count, bytes, mtime."""
+    """What identifies a reference set's contents: path, file count, bytes, a hash of every
+    file's name, size and mtime, and a hash of a sample of the contents (_content_sample)."""
     files = [path] if path.is_file() else [path / name for name in image_names(path)]
-    stats = [f.stat() for f in files]
-    return {"path": str(path.resolve()), "files": len(files),
-            "bytes": sum(s.st_size for s in stats), "mtime_ns": max(s.st_mtime_ns for s in stats)}
+    listing, total = hashlib.sha256(), 0
+    for f in files:
+        stat = f.stat()
+        total += stat.st_size
+        listing.update(f"{f.name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return {"path": str(path.resolve()), "files": len(files), "bytes": total,
+            "listing_sha256": listing.hexdigest(),
+            "content_sha256": _content_sample(path, files)}
+
+
+def check_statistics(mu: np.ndarray, sigma: np.ndarray, dim: int, what: str) -> None:
+    """ValueError naming `what` unless mu is (dim,), sigma (dim, dim), both finite, and sigma
+    symmetric (within SYMMETRY_TOLERANCE of its largest entry): what the matrix square root
+    needs (NaN there crashes the linear algebra library, it does not raise)."""
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise ValueError(f"{what}: mu {mu.shape} and sigma {sigma.shape}; this feature "
+                         f"extractor needs ({dim},) and ({dim}, {dim})")
+    for name, array in (("mu", mu), ("sigma", sigma)):
+        bad = int((~np.isfinite(array)).sum())
+        if bad:
+            raise ValueError(f"{what}: {name} holds {bad} NaN or infinite value"
+                             f"{'s' if bad != 1 else ''}; FID needs finite statistics")
+    scale = float(np.abs(sigma).max())
+    asymmetry = float(np.abs(sigma - sigma.T).max())
+    if asymmetry > SYMMETRY_TOLERANCE * max(scale, np.finfo(np.float64).tiny):
+        raise ValueError(f"{what}: sigma is not symmetric (largest |sigma - sigma^T| "
+                         f"{asymmetry:.3g}, entries up to {scale:.3g}); a covariance matrix "
+                         "is symmetric")
 
 
 def cache_path(reference: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -192,13 +257,11 @@ def _reference(metric, settings: dict, reference: Source, *, batch_size: int, de
     """Reference statistics: mu, sigma (numpy float64), n (None if unknown), and where they came
     from (`reference`, `reference_path`, `reference_cache`)."""
     key = {k: settings[k] for k in CACHE_SETTINGS}
+    dim = settings["feature_dim"]
     if _is_statistics(reference):
         path = Path(reference).expanduser()
         mu, sigma, meta = _read_statistics(path)
-        dim = settings["feature_dim"]
-        if mu.shape != (dim,) or sigma.shape != (dim, dim):
-            raise ValueError(f"{str(path)!r}: mu {mu.shape} and sigma {sigma.shape}; this "
-                             f"feature extractor needs ({dim},) and ({dim}, {dim})")
+        check_statistics(mu, sigma, dim, f"FID reference statistics {str(path)!r}")
         if meta is None:
             warnings.warn(ADM_WARNING.format(path=path), stacklevel=3)
             kind, n = ADM_STATISTICS, None
@@ -213,6 +276,8 @@ def _reference(metric, settings: dict, reference: Source, *, batch_size: int, de
     _at_least_two(reference, "reference")
     if isinstance(reference, Tensor):
         mu, sigma, n = _features_statistics(metric, reference, batch_size, device)
+        check_statistics(mu, sigma, dim, f"the features of the reference images "
+                         f"({source_name(reference)}): is the feature extractor sound?")
         return {"mu": mu, "sigma": sigma, "n": n, "reference": "computed from images",
                 "reference_path": source_name(reference), "reference_cache": None}
     path, cache = Path(reference).expanduser(), cache_path(reference, cache_dir)
@@ -220,9 +285,13 @@ def _reference(metric, settings: dict, reference: Source, *, batch_size: int, de
     if cache.is_file():
         mu, sigma, meta = _read_statistics(cache)
         if meta is not None and {k: meta.get(k) for k in wanted} == wanted:
+            check_statistics(mu, sigma, dim, f"cached FID statistics {str(cache)!r} (delete "
+                             "the file to recompute them)")
             return {"mu": mu, "sigma": sigma, "n": meta["n"], "reference": "cached statistics",
                     "reference_path": str(path), "reference_cache": str(cache)}
     mu, sigma, n = _features_statistics(metric, path, batch_size, device)
+    check_statistics(mu, sigma, dim, f"the features of the reference images {str(path)!r}: "
+                     "is the feature extractor sound?")
     if shard()[0] == 0:
         _write_statistics(cache, mu, sigma, {**wanted, "n": n})
     return {"mu": mu, "sigma": sigma, "n": n, "reference": "computed from images",
@@ -236,10 +305,11 @@ def reference_stats(reference: Source, *, inception_weights: str | os.PathLike |
     """The FID statistics of `reference` (a folder, an image .npz, a tensor, or an .npz with
     `mu`/`sigma`): mu (D,) and sigma (D, D) as float64 numpy arrays, n, where they came from,
     and the settings; computed once and cached as the module docstring says."""
-    metric, settings = fid_metric(inception_weights=inception_weights, antialias=antialias,
-                                  device=device, extractor=extractor)
-    return {**_reference(metric, settings, reference, batch_size=batch_size, device=device,
-                         cache_dir=cache_dir), **settings}
+    with process_group(check_device(device, "device")) as (_, _, device):
+        metric, settings = fid_metric(inception_weights=inception_weights, antialias=antialias,
+                                      device=device, extractor=extractor)
+        return {**_reference(metric, settings, reference, batch_size=batch_size, device=device,
+                             cache_dir=cache_dir), **settings}
 
 
 def _load_reference(metric, mu: np.ndarray, sigma: np.ndarray, n: int | None) -> None:
@@ -271,23 +341,33 @@ def fid(samples: Source, reference: Source, *,
     Returns the row: `fid`, `n_samples`, `n_reference` (None for ADM statistics), `reference`
     (computed / cached / ADM precomputed statistics), `reference_path`, `reference_cache`,
     `quantisation`, the settings (`feature_extractor`, `feature_dim`, `resize`, `antialias`,
-    `weights_file`, `weights_sha256`, `statistics_dtype`) and DESIGN's row fields.
+    `weights_file`, `weights_sha256`, `statistics_dtype`), `fid_raw` and `fid_clamped` (the
+    distance before clamping at 0, and whether it was below) and DESIGN's row fields. Under
+    torchrun (WORLD_SIZE > 1) a process group is started if none runs (analysis.distributed).
     """
     n_samples = _at_least_two(samples, "sample")
-    metric, settings = fid_metric(inception_weights=inception_weights, antialias=antialias,
-                                  device=device, extractor=extractor)
-    ref = _reference(metric, settings, reference, batch_size=batch_size, device=device,
-                     cache_dir=cache_dir)
-    _load_reference(metric, ref["mu"], ref["sigma"], ref["n"])
-    for batch in read_images(samples, batch_size=batch_size):
-        metric.update(batch.to(device), real=False)
-    value = float(metric.compute())  # sums the ranks' states first
-    import torchmetrics   # loaded by now; not before the weights check, which takes a moment
-
-    row = result_row(metric="fid", samples=samples, device=device,
-                     backend=f"torchmetrics {torchmetrics.__version__} FrechetInceptionDistance",
-                     dtype=_dtype_of(metric.inception), batch=batch_size)
-    return {**row, "fid": value, "n_samples": n_samples, "n_reference": ref["n"],
+    with process_group(check_device(device, "device")) as (_, _, device):
+        metric, settings = fid_metric(inception_weights=inception_weights, antialias=antialias,
+                                      device=device, extractor=extractor)
+        ref = _reference(metric, settings, reference, batch_size=batch_size, device=device,
+                         cache_dir=cache_dir)
+        _load_reference(metric, ref["mu"], ref["sigma"], ref["n"])
+        for batch in read_images(samples, batch_size=batch_size):
+            metric.update(batch.to(device), real=False)
+        with metric.sync_context():  # every rank sees the summed states, and so agrees
+            finite = bool(torch.isfinite(metric.fake_features_sum).all()
+                          and torch.isfinite(metric.fake_features_cov_sum).all())
+        if not finite:
+            raise ValueError(f"the features of the samples ({source_name(samples)}) hold NaN "
+                             f"or infinite values: is the feature extractor sound "
+                             f"({settings['weights_file'] or settings['feature_extractor']})?")
+        raw = float(metric.compute())  # sums the ranks' states first
+        row = result_row(metric="fid", samples=samples, device=device,
+                         backend=f"torchmetrics {_torchmetrics_version()} "
+                                 "FrechetInceptionDistance",
+                         dtype=_dtype_of(metric.inception), batch=batch_size)
+    return {**row, "fid": max(raw, 0.0), "fid_raw": raw, "fid_clamped": raw < 0,
+            "n_samples": n_samples, "n_reference": ref["n"],
             "reference": ref["reference"], "reference_path": ref["reference_path"],
             "reference_cache": ref["reference_cache"], "quantisation": quantisation(samples),
             **settings}
