@@ -29,9 +29,8 @@ How maps are taken, never editing model code:
   probabilities and values to the reducer, and returns the normal output. It is installed
   module by module with `set_processor` (what `set_attn_processor` does underneath; diffusers'
   DiT has no `set_attn_processor`); cross-attention processors stay as they are.
-Measured (tests/test_attention_maps.py, PixArt-XL/2 float32 at 1024 px, 4096 tokens, all 16
-heads of one layer, one step, CPU): peak RSS 3299–3417 MiB headwise and 5306–5316 MiB through
-the observer, of which 511 MiB Python and 2330 MiB weights; one layer's maps are 1024 MiB.
+One layer's maps of PixArt-XL/2 at 1024 px (4096 tokens, 16 heads, float32) are 1 GiB; what
+each way peaks at there is measured in results/commands/commands.md.
 
 Each model call (`ModelCall`: the input, the forward's other arguments, step and timestep) is
 reduced per (kind, layer, head, step, timestep, branch): under classifier-free guidance the
@@ -100,8 +99,8 @@ def schedule_of(model: nn.Module) -> str:
 
 def noised_inputs(latents: Tensor, timesteps: Iterable[float], cond: dict,
                   uncond: dict | None = None, *, schedule: str = "ddpm",
-                  timestep_arg: str = "t", generator: torch.Generator | None = None
-                  ) -> list[ModelCall]:
+                  timestep_arg: str = "t", generator: torch.Generator | None = None,
+                  noise: Tensor | None = None) -> list[ModelCall]:
     """Model calls for clean latents x0 (B, C, H, W) / (B, C, F, H, W) noised to each timestep,
     in the order given (step i is the i-th timestep), with one noise draw ε ~ N(0, 1) shared by
     all of them:
@@ -112,13 +111,18 @@ def noised_inputs(latents: Tensor, timesteps: Iterable[float], cond: dict,
     "text_mask": …}; diffusers: {"encoder_hidden_states": …} or {"class_labels": …}); with
     `uncond` (the same keys: null labels, empty-prompt captions) each call is a guidance batch
     [cond; uncond] of 2B samples. Timesteps go in as `timestep_arg` ('t' for ours, 'timestep'
-    for diffusers), a (B,) float tensor."""
+    for diffusers), a (B,) float tensor. `noise`: the draw ε itself (the latents' shape), else
+    drawn from `generator`."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown noise schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
     if uncond is not None and set(uncond) != set(cond):
         raise ValueError(f"uncond must hold the same arguments as cond ({sorted(cond)}), got "
                          f"{sorted(uncond)}")
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    elif noise.shape != latents.shape:
+        raise ValueError(f"noise {tuple(noise.shape)} must have the latents' shape "
+                         f"{tuple(latents.shape)}")
     noise = noise.to(latents.device, latents.dtype)
     B = latents.shape[0]
     t_dtype = torch.float64 if latents.dtype == torch.float64 else torch.float32
@@ -262,8 +266,8 @@ class Capture:
                  layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
                  keep_maps: bool | Callable[[Key], bool] = False,
                  max_pairs: int | None = DEFAULT_MAX_PAIRS,
-                 max_distance: int | None = None, seed: int = 0, headwise: bool = False,
-                 stop_early: bool = False):
+                 max_distance: int | None = None, edge_margin=None, seed: int = 0,
+                 headwise: bool = False, stop_early: bool = False):
         self.model = model
         self.diffusers, self.patch = _is_diffusers(model), _patch_size(model)
         self.targets = _targets(model, layers)
@@ -272,7 +276,8 @@ class Capture:
         if not self.heads or not all(0 <= h < n_heads for h in self.heads):
             raise ValueError(f"heads must be in 0…{n_heads - 1}, got {heads}")
         self.windows = None if windows is None else list(windows)
-        self.plan_options = dict(max_pairs=max_pairs, max_distance=max_distance, seed=seed)
+        self.plan_options = dict(max_pairs=max_pairs, max_distance=max_distance,
+                                 edge_margin=edge_margin, seed=seed)
         self.keep_maps, self.headwise, self.stop_early = keep_maps, headwise, stop_early
         self.stats: dict[Key, WindowStats] = {}
         self.maps: list[AttentionMap] = []
@@ -470,15 +475,15 @@ class _ReducingProcessor:
 #                                    Analysis                                   #
 #################################################################################
 
-def describe(model: nn.Module, call: ModelCall) -> dict:
+def describe(model: nn.Module, call: ModelCall, factor: int = VAE_SPATIAL) -> dict:
     """The shape columns of a model call's rows: model, checkpoint and weights ('untrained'
-    unless the caller's meta says otherwise), resolution in pixels (VAE factor 8), latent
-    frames, tokens, batch."""
+    unless the caller's meta says otherwise), resolution in pixels (`factor` pixels per input
+    pixel: the VAE's 8, or 1 in pixel space), latent frames, tokens, batch."""
     x = call.x
     H, W = x.shape[-2:]
     name = getattr(model, "name", None) or type(model).__name__
     return {"model": name, "checkpoint": "untrained", "weights": "untrained",
-            "resolution": H * VAE_SPATIAL if H == W else f"{H * VAE_SPATIAL}x{W * VAE_SPATIAL}",
+            "resolution": H * factor if H == W else f"{H * factor}x{W * factor}",
             "latent_frames": x.shape[2] if x.dim() == 5 else 1,
             "tokens": prod(_token_grid(x, _patch_size(model))), "batch": x.shape[0]}
 
@@ -487,27 +492,30 @@ def analyse(model: nn.Module, calls: Iterable[ModelCall], *, windows: Iterable |
             layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
             steps: Iterable[int] | None = None, keep_maps: bool = False, meta: dict | None = None,
             max_pairs: int | None = DEFAULT_MAX_PAIRS, max_distance: int | None = None,
-            seed: int = 0, headwise: bool = False) -> tuple[list[dict], list[AttentionMap]]:
+            edge_margin=None, seed: int = 0, headwise: bool = False,
+            factor: int = VAE_SPATIAL) -> tuple[list[dict], list[AttentionMap]]:
     """Runs `calls` through `model` and returns (tidy rows, kept maps): the window statistics of
     its self-attention per kind, layer, head, step, timestep and branch (window_similarity's
     metrics and row schema). `windows`: sides, (h, w) or (f, h, w) in tokens (None: 2, 4, 8, 16;
     those not dividing the grid are skipped with a warning); `layers`, `heads`, `steps`: subsets
     (None: all; calls of other steps are not run); `meta` overrides the describe() columns
-    (model, checkpoint, weights, …); `max_pairs`, `max_distance`, `seed`: the pair plan
-    (window_similarity.plan); `headwise`: see the module docstring. Every forward pass ends
-    after the last analysed layer. All calls must share one latent shape."""
+    (model, checkpoint, weights, …); `max_pairs`, `max_distance`, `edge_margin`, `seed`: the
+    pair plan (window_similarity.plan); `headwise`: see the module docstring; `factor`: pixels
+    per input pixel (describe). Every forward pass ends after the last analysed layer. All
+    calls must share one latent shape."""
     first = None
     steps = None if steps is None else set(steps)
     with Capture(model, windows=windows, layers=layers, heads=heads, keep_maps=keep_maps,
-                 max_pairs=max_pairs, max_distance=max_distance, seed=seed,
-                 headwise=headwise, stop_early=True) as capture:
+                 max_pairs=max_pairs, max_distance=max_distance, edge_margin=edge_margin,
+                 seed=seed, headwise=headwise, stop_early=True) as capture:
         for call in calls:
             if steps is None or call.step in steps:
                 first = first or call
                 capture.run(call)
     if first is None:
         raise ValueError("no model calls to analyse")
-    return to_rows(capture.stats, {**describe(model, first), **(meta or {})}), capture.maps
+    return (to_rows(capture.stats, {**describe(model, first, factor), **(meta or {})}),
+            capture.maps)
 
 
 #################################################################################
@@ -538,66 +546,3 @@ def load_maps(path: str | Path) -> list[AttentionMap]:
 
 __all__ = ["ANALYSED_KINDS", "AttentionMap", "Capture", "Key", "ModelCall", "analyse",
            "describe", "load_maps", "noised_inputs", "save_maps", "schedule_of"]
-
-
-
-#################################################################################
-#                           Along a sampling trajectory                         #
-#################################################################################
-
-def analyse_trajectory(model: nn.Module, conditions, *, resolution: int, frames: int | None = None,
-                       scheduler: str | None = None, steps: int | None = None,
-                       analyse_steps: Iterable[int] | None = None, cfg_scale: float | None = None,
-                       guidance_channels: str | None = None, seed: int = 0, samples: int = 1,
-                       meta: dict | None = None, **options) -> tuple[list[dict], list]:
-    """Window statistics of `model`'s self-attention along a real sampling trajectory: the
-    quality sampler's denoising loop (analysis.sampling.denoise: its scheduler, steps, guidance
-    and per-sample seeds for samples 0…samples-1) from noise of the latent shape of
-    `resolution` px (VAE factor 8; `frames` latent frames), each forward of a step in
-    `analyse_steps` (default: every step) reduced as it runs — the maps are the ones the sampler
-    itself computes. Under guidance the batch holds both branches. `conditions`: ClassLabels /
-    Prompts (analysis.conditions) or a class-label spec. `options` go to Capture (windows,
-    layers, heads, keep_maps, max_pairs, max_distance, headwise). Returns (rows, kept maps)."""
-    from . import sampling
-    from .conditions import check_conditions, class_conditions, condition_inputs
-
-    recipe = sampling.FAMILY_RECIPES[model.config.family]
-    scheduler = scheduler or recipe.scheduler
-    steps = sampling.SCHEDULER_STEPS[scheduler] if steps is None else steps
-    cfg_scale = recipe.cfg_scale if cfg_scale is None else float(cfg_scale)
-    guidance_channels = guidance_channels or recipe.guidance_channels
-    if isinstance(conditions, (str, list, tuple)):
-        conditions = class_conditions(conditions)
-    guided = cfg_scale != 1
-    check_conditions(model, conditions, guided)
-    side = resolution // VAE_SPATIAL
-    if resolution % VAE_SPATIAL:
-        raise ValueError(f"resolution {resolution} px is not a multiple of the VAE factor "
-                         f"{VAE_SPATIAL}")
-    shape = (model.in_channels, *([frames] if frames else []), side, side)
-    parameter = next(model.parameters())
-    indices = list(range(samples))
-    generators = sampling.sample_generators(seed, indices)
-    noise = sampling.initial_noise(generators, shape).to(parameter.device,
-                                                         sampling.latent_dtype(parameter.dtype))
-    condition = condition_inputs(model, conditions, indices, guided, parameter.device,
-                                 parameter.dtype)
-    condition.update(sampling.size_condition(model, samples * (1 + guided),
-                                             (resolution, resolution), parameter.device,
-                                             parameter.dtype))
-    wanted = None if analyse_steps is None else set(analyse_steps)
-    first: list[ModelCall] = []
-    model.eval()
-    with Capture(model, **options) as capture:
-        def on_step(step: int, t: Tensor, model_input: Tensor, kwargs: dict) -> None:
-            call = ModelCall(model_input, kwargs, step, float(t), cfg=guided)
-            first[:] = first or [call]
-            # a step not analysed is attributed to no call: its maps are not reduced
-            capture.begin(call if wanted is None or step in wanted else None)
-        with torch.no_grad():
-            sampling.denoise(model, scheduler, steps, noise, condition, cfg_scale=cfg_scale,
-                             guidance_channels=guidance_channels, generators=generators,
-                             on_step=on_step)
-    described = {**describe(model, first[0]), "scheduler": scheduler, "steps": steps,
-                 "cfg_scale": cfg_scale, "seed": seed, **(meta or {})}
-    return to_rows(capture.stats, described), capture.maps

@@ -8,6 +8,8 @@ leave the global one as it is. Each returns its Figure; `write_figures` saves th
 from math import prod
 from pathlib import Path
 
+import matplotlib
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -17,6 +19,11 @@ from .window_similarity import CURVE_METRIC, METRICS
 
 LABELS = {"cosine": "cosine similarity", "js_divergence_nats": "JS divergence (nats)",
           "replacement_error": "row replacement error", "output_error": "output error (A·V)"}
+# each metric's natural range: the axes are fixed to it, so figures compare at a glance
+LIMITS = {"cosine": (0, 1.02), "js_divergence_nats": (0, np.log(2) * 1.02),
+          "replacement_error": (0, 1.02), "output_error": (0, 1.02)}
+UNTRAINED = "UNTRAINED (random) weights"
+FIGURE_FILES = ("window_similarity_*.png", "window_rows_*.png")   # what write_figures writes
 
 
 def _pick(rows: pd.DataFrame, **equal) -> pd.DataFrame:
@@ -40,10 +47,18 @@ def _default_window(rows: pd.DataFrame) -> str:
     return "4x4" if "4x4" in windows else sorted(windows, key=_window_tokens)[0]
 
 
+def weights_note(rows: pd.DataFrame) -> str:
+    """'UNTRAINED (random) weights' when any row says its weights are untrained, else ''."""
+    untrained = "weights" in rows and (rows["weights"] == "untrained").any()
+    return UNTRAINED if untrained else ""
+
+
 def _title(rows: pd.DataFrame, branch: str) -> str:
     model = ", ".join(map(str, rows["model"].unique())) if "model" in rows else ""
     kind = ", ".join(map(str, rows["kind"].unique())) if "kind" in rows else ""
-    return f"{model} — {kind} attention, {branch} branch".strip(" —")
+    title = f"{model} — {kind} attention, {branch} branch".strip(" —")
+    note = weights_note(rows)
+    return f"{title}\n{note}" if note else title
 
 
 #################################################################################
@@ -71,13 +86,14 @@ def _mosaic(rows: np.ndarray, grid, window) -> np.ndarray:
 
 
 def plot_window_rows(amap: AttentionMap, window: tuple[int, int] = (4, 4),
-                     near: tuple[int, int] | None = None, far: tuple[int, int] | None = None
-                     ) -> Figure:
+                     near: tuple[int, int] | None = None, far: tuple[int, int] | None = None,
+                     note: str = "") -> Figure:
     """PT-DiT's Figure 3 from one kept map: the attention rows of the tokens of one window
     (top) stacked — window tokens × all keys — and (bottom) each reshaped to the token grid and
     tiled in the window's shape, beside the same for a spatially distant window. `near`, `far`:
     the windows' top-left tokens (y, x) (default: the window holding the grid's centre, and
-    the top-left window). One colour scale for all panels; video maps show frame 0."""
+    the top-left window). One colour scale for all panels; video maps show frame 0. `note`
+    (e.g. UNTRAINED) is added to the title."""
     grid = amap.grid
     _, h, w = grid
     c1, c2 = window
@@ -105,7 +121,8 @@ def plot_window_rows(amap: AttentionMap, window: tuple[int, int] = (4, 4),
         bottom.set(title=f"each query's row on the {h}x{w} grid", xticks=[], yticks=[])
     fig.colorbar(image, ax=axes.ravel().tolist(), label="attention probability", shrink=0.8)
     fig.suptitle(f"{amap.kind} attention, layer {amap.layer}, head {amap.head}, step "
-                 f"{amap.step} (t = {amap.timestep:g}), {amap.branch}")
+                 f"{amap.step} (t = {amap.timestep:g}), {amap.branch}"
+                 + (f"\n{note}" if note else ""))
     return fig
 
 
@@ -124,8 +141,9 @@ def plot_layer_timestep(rows: pd.DataFrame, metric: str = "cosine", window: str 
     fig = Figure(figsize=(max(6.0, 2.5 + 0.5 * len(table.columns)),
                           max(4.0, 2.0 + 0.3 * len(table.index))))
     ax = fig.subplots()
+    low, high = LIMITS.get(metric, (None, None))
     image = ax.imshow(table.to_numpy(), aspect="auto", interpolation="nearest", cmap="magma",
-                      origin="lower")
+                      origin="lower", vmin=low, vmax=high)
     ax.set_xticks(range(len(table.columns)), [f"{t:g}" for t in table.columns], rotation=90)
     ax.set_yticks(range(len(table.index)), [str(i) for i in table.index])
     ax.set(xlabel="timestep", ylabel="layer",
@@ -136,47 +154,69 @@ def plot_layer_timestep(rows: pd.DataFrame, metric: str = "cosine", window: str 
 
 
 def plot_window_sizes(rows: pd.DataFrame, branch: str = "cond") -> Figure:
-    """Each window metric (mean over layers, heads, steps) against window size, with its
-    distance-matched and random baselines."""
+    """Each window metric against window size: the mean over layers, heads and steps, with the
+    spread of the per-(layer, head, step) values as a band (10th to 90th percentile) and their
+    range as thin bars, beside the position-matched baseline (with its band) and the random
+    baseline. Axes span each metric's natural range."""
     data = _pick(rows, branch=branch)
     metrics = [m for m in METRICS if m in set(data["metric"])]
     if not metrics:
         raise ValueError(f"no window metric among the rows; expected some of {METRICS}")
-    fig = Figure(figsize=(4.2 * len(metrics), 3.8))
+    fig = Figure(figsize=(4.2 * len(metrics), 4.0))
     axes = np.atleast_1d(fig.subplots(1, len(metrics)))
+    series = (("value", "o-", "within window"),
+              ("baseline_position_matched", "s--", "position-matched"),
+              ("baseline_random", "^:", "random pairs"))
     for ax, metric in zip(axes, metrics):
-        means = (data[data["metric"] == metric]
-                 .groupby("window")[["value", "baseline_distance_matched", "baseline_random"]]
-                 .mean())
-        means = means.loc[sorted(means.index, key=_window_tokens)]
-        x = range(len(means))
-        ax.plot(x, means["value"], "o-", label="within window")
-        ax.plot(x, means["baseline_distance_matched"], "s--", label="distance-matched")
-        ax.plot(x, means["baseline_random"], "^:", label="random pairs")
-        ax.set_xticks(list(x), list(means.index))
+        part = data[data["metric"] == metric]
+        order = sorted(part["window"].unique(), key=_window_tokens)
+        x = np.arange(len(order))
+        for k, (column, style, label) in enumerate(series):
+            grouped = part.groupby("window")[column]
+            mean = grouped.mean().reindex(order).to_numpy(dtype=float)
+            low, high = (grouped.quantile(q).reindex(order).to_numpy(dtype=float)
+                         for q in (0.1, 0.9))
+            lowest, highest = (grouped.min().reindex(order).to_numpy(dtype=float),
+                               grouped.max().reindex(order).to_numpy(dtype=float))
+            line, = ax.plot(x, mean, style, label=label)
+            if column != "baseline_random":
+                ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+                ax.vlines(x + (k - 1) * 0.06, lowest, highest, color=line.get_color(),
+                          linewidth=0.8)
+        ax.set_xticks(list(x), order)
+        ax.set_ylim(*LIMITS.get(metric, (None, None)))
         ax.set(xlabel="window (tokens)", ylabel=LABELS[metric], title=LABELS[metric])
-    axes[0].legend()
-    fig.suptitle(_title(data, branch))
+    axes[0].legend(fontsize="small")
+    n = len(data[["layer", "head", "step"]].drop_duplicates()) if {"layer", "head", "step"} \
+        <= set(data) else len(data)
+    fig.suptitle(f"{_title(data, branch)}\nmean; band: 10–90th percentile, bars: range over "
+                 f"{n} (layer, head, step) streams")
     fig.tight_layout()
     return fig
 
 
 def plot_distance(rows: pd.DataFrame, branch: str = "cond") -> Figure:
     """Cosine similarity of attention rows against Chebyshev token distance, one line per layer
-    (mean over heads and steps), with the random-pair level."""
+    (mean over heads and steps; one colour per layer from a sequential map, early layers dark),
+    with the random-pair level."""
     data = _pick(rows, metric=CURVE_METRIC, branch=branch)
-    fig = Figure(figsize=(6, 4))
+    fig = Figure(figsize=(6.5, 4.2))
     ax = fig.subplots()
-    for layer, part in data.groupby("layer"):
-        curve = part.groupby("distance")["value"].mean()
-        ax.plot(curve.index, curve.to_numpy(), "o-", markersize=3, label=f"layer {layer}")
+    layers = sorted(data["layer"].unique())
+    colours = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, max(len(layers), 2)))
+    for colour, layer in zip(colours, layers):
+        curve = data[data["layer"] == layer].groupby("distance")["value"].mean()
+        ax.plot(curve.index, curve.to_numpy(), "o-", markersize=3, color=colour,
+                label=f"layer {layer}")
     cosine = rows[(rows["metric"] == "cosine") & (rows["branch"] == branch)]
     if len(cosine):
         ax.axhline(cosine["baseline_random"].mean(), color="k", linestyle=":",
                    label="random pairs")
+    ax.set_ylim(*LIMITS["cosine"])
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set(xlabel="Chebyshev distance (tokens)", ylabel="cosine similarity",
            title=_title(data, branch))
-    ax.legend(fontsize="small", ncol=2)
+    ax.legend(fontsize="small", ncol=2 if len(layers) < 16 else 3)
     fig.tight_layout()
     return fig
 
@@ -197,7 +237,7 @@ def write_figures(rows: pd.DataFrame, maps: list[AttentionMap], out_dir: str | P
         side = 4 if h % 4 == 0 and w % 4 == 0 and h * w >= 32 else 2
         name = (f"window_rows_{amap.kind}_L{amap.layer}_H{amap.head}_S{amap.step}_"
                 f"{amap.branch}.png")
-        figures[name] = plot_window_rows(amap, (side, side))
+        figures[name] = plot_window_rows(amap, (side, side), note=weights_note(rows))
     paths = []
     for name, fig in figures.items():
         fig.savefig(out / name, dpi=110)

@@ -81,11 +81,20 @@ def model_class(config) -> type[nn.Module]:
     return MODEL_CLASSES[type(config)]
 
 
-def build(name, device=None, dtype: torch.dtype | str | None = None,
+def build(name, device=None, dtype: torch.dtype | str | None = None, seed: int | None = None,
           **overrides) -> nn.Module:
     """Builds a named model (or a config instance, with no overrides) in eval mode (call
     `.train()` to train: it turns on label and caption dropout). `device="meta"` allocates
-    nothing (for counting, any size)."""
+    nothing (for counting, any size). `seed`: the initial weights are drawn from
+    torch.manual_seed(seed), the same weights every time, and the global generator is left as
+    it was; None draws from the global generator."""
+    if seed is not None:
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed must be an int or None, got {seed!r}")
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            return build(name, device, dtype, **overrides)
     if type(name) in MODEL_CLASSES:
         config = dataclasses.replace(name, **overrides) if overrides else name
         name = None

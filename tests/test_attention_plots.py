@@ -72,26 +72,59 @@ def test_layer_timestep_heatmap_is_the_mean_over_heads(rows):
         plot_layer_timestep(rows, window="16x16")
 
 
-def test_window_size_figure_has_each_metric_and_baselines(rows):
+def test_window_size_figure_has_each_metric_baselines_and_spread(rows):
     fig = plot_window_sizes(rows)
     assert len(fig.axes) == len(METRICS)
-    for ax in fig.axes:
-        assert len(ax.lines) == 3                          # within, distance-matched, random
-        assert [t.get_text() for t in ax.get_xticklabels()] == ["2x2", "4x4"]
-    within = fig.axes[0].lines[0].get_ydata()
     cond = rows[(rows.metric == "cosine") & (rows.branch == "cond")]
-    assert within[1] == pytest.approx(cond[cond.window == "4x4"].value.mean())
+    for ax in fig.axes:
+        assert len(ax.lines) == 3                          # within, position-matched, random
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["2x2", "4x4"]
+        assert ax.get_ylim()[0] == 0                      # the metric's range, not auto
+    cosine = fig.axes[0]
+    assert cosine.get_ylim() == pytest.approx((0, 1.02))
+    assert cosine.lines[0].get_ydata()[1] == pytest.approx(cond[cond.window == "4x4"].value.mean())
+    # the spread across (layer, head, step) streams: a 10-90 % band and min-max bars per series
+    bands = [c for c in cosine.collections if type(c).__name__ == "FillBetweenPolyCollection"
+             or type(c).__name__ == "PolyCollection"]
+    assert len(bands) == 2
+    four = cond[cond.window == "4x4"].value
+    band = bands[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == pytest.approx(min(cond[cond.window == "2x2"].value.quantile(0.1),
+                                           four.quantile(0.1)))
+    bars = [c for c in cosine.collections if type(c).__name__ == "LineCollection"][0]
+    assert bars.get_segments()[1][:, 1] == pytest.approx([four.min(), four.max()])
 
 
-def test_distance_figure_has_a_curve_per_layer(rows):
-    fig = plot_distance(rows)
+def test_distance_figure_has_a_curve_and_a_colour_per_layer():
+    """12 layers: 12 curves, no colour repeated (matplotlib's default cycle repeats after 10)."""
+    pairs = plan(GRID, [2], max_pairs=30)
+    stats = {Key("global", layer, 0, 0, 500.0, "cond"): WindowStats(pairs) for layer in range(12)}
+    for s in stats.values():
+        s.add(random_map())
+    fig = plot_distance(pd.DataFrame(to_rows(stats, {"model": "test"})))
     (ax,) = fig.axes
-    assert len(ax.lines) == 3 + 1                          # layers 0-2 and the random level
-    assert list(ax.lines[0].get_xdata()) == [1, 2, 3]
+    assert len(ax.lines) == 12 + 1                         # 12 layers and the random level
+    colours = {tuple(line.get_color()) for line in ax.lines[:12]}
+    assert len(colours) == 12
+    assert list(ax.lines[0].get_xdata()) == [1]
+
+
+def test_every_figure_says_untrained_in_its_title(rows, amap, tmp_path):
+    untrained = rows.assign(weights="untrained")
+    titles = []
+    for fig in (plot_window_sizes(untrained), plot_layer_timestep(untrained),
+                plot_distance(untrained)):
+        titles.append(" ".join([fig._suptitle.get_text() if fig._suptitle else ""]
+                               + [ax.get_title() for ax in fig.axes]))
+    assert all("UNTRAINED" in t for t in titles)
+    trained = rows.assign(weights="trained")
+    assert "UNTRAINED" not in plot_distance(trained).axes[0].get_title()
+    assert "UNTRAINED" in plot_window_rows(amap, (4, 4), note="UNTRAINED (random) weights"
+                                           )._suptitle.get_text()
 
 
 def test_write_figures_from_stored_rows(rows, amap, tmp_path):
-    store = Store(tmp_path / "rows.jsonl")
+    store = Store(tmp_path / "rows.jsonl", table="attention")
     for row in rows.to_dict("records"):
         store.append(row)
     stored = pd.DataFrame(store.rows())

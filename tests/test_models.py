@@ -475,3 +475,17 @@ def test_batch_and_condition_mismatches(family):
             model(x, t, cond[0], cond[1][:, :5])
         with pytest.raises(ValueError, match=r"caption features must have shape \(2, L, 24\)"):
             model(x, t, cond[0][..., :20], cond[1])
+
+
+def test_a_seed_builds_the_same_weights_and_leaves_the_global_generator_alone():
+    before = torch.random.get_rng_state()
+    a = ptdit.build("DiT-S/2", depth=1, hidden_size=64, num_heads=4, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    b = ptdit.build("DiT-S/2", depth=1, hidden_size=64, num_heads=4, seed=3)
+    c = ptdit.build("DiT-S/2", depth=1, hidden_size=64, num_heads=4, seed=4)
+    for (name, x), y, z in zip(a.state_dict().items(), b.state_dict().values(),
+                               c.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert any(not torch.equal(x, z) for x, z in zip(a.parameters(), c.parameters()))
+    with pytest.raises(ValueError, match="seed must be an int"):
+        ptdit.build("DiT-S/2", seed=1.5)
