@@ -30,27 +30,22 @@ from torch import Tensor, nn
 
 from ptdit.models.inputs import VAE_SPATIAL
 
-from . import sampling
-from .attention_maps import Capture, ModelCall, analyse, describe, noised_inputs, schedule_of
+from . import recipes, sampling
+from .capture import Capture, analyse, describe
+from .model_calls import ModelCall, noised_inputs, schedule_of
 from .conditions import check_conditions, class_conditions, condition_inputs
 from .images import count_images, read_images
 from .window_similarity import to_rows
 
 
 def _recipe(model: nn.Module, scheduler: str | None, steps: int | None, cfg_scale: float | None,
-            samples: int) -> tuple[str, int, float, bool]:
-    """(scheduler, steps, cfg scale, guided): the family's unless given; checked."""
-    recipe = sampling.FAMILY_RECIPES[model.config.family]
-    scheduler = scheduler or recipe.scheduler
-    steps = sampling.SCHEDULER_STEPS[scheduler] if steps is None else steps
-    cfg_scale = recipe.cfg_scale if cfg_scale is None else float(cfg_scale)
-    for label, value in (("steps", steps), ("samples", samples)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{label} must be a positive int, got {value!r}")
-    if not torch.isfinite(torch.tensor(cfg_scale)):
-        raise ValueError(f"cfg_scale must be a finite number, got {cfg_scale}")
-    sampling.make_scheduler(scheduler).set_timesteps(steps)   # a bad count fails here
-    return scheduler, steps, cfg_scale, cfg_scale != 1
+            samples: int) -> recipes.Settings:
+    """The run's sampler settings (analysis.recipes.resolve), `samples` checked."""
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    settings = recipes.resolve(model.config.family, scheduler, steps, cfg_scale)
+    sampling.make_scheduler(settings.scheduler).set_timesteps(settings.steps)   # fails here
+    return settings
 
 
 def _steps(analyse_steps: Iterable[int] | None, steps: int) -> list[int]:
@@ -87,9 +82,11 @@ def analyse_trajectory(model: nn.Module, conditions, *, resolution: int, frames:
     Prompts (analysis.conditions) or a class-label spec. `options` go to Capture (windows,
     layers, heads, keep_maps, max_pairs, max_distance, edge_margin, headwise). Returns (rows,
     kept maps)."""
-    scheduler, steps, cfg_scale, guided = _recipe(model, scheduler, steps, cfg_scale, samples)
-    guidance_channels = (guidance_channels
-                         or sampling.FAMILY_RECIPES[model.config.family].guidance_channels)
+    settings = _recipe(model, scheduler, steps, cfg_scale, samples)
+    scheduler, steps, cfg_scale, guidance_channels = recipes.resolve(
+        model.config.family, settings.scheduler, settings.steps, settings.cfg_scale,
+        guidance_channels)
+    guided = settings.guided
     wanted = set(_steps(analyse_steps, steps))
     conditions = _conditions(conditions)
     check_conditions(model, conditions, guided)
@@ -99,15 +96,9 @@ def analyse_trajectory(model: nn.Module, conditions, *, resolution: int, frames:
     side = resolution // VAE_SPATIAL
     shape = (model.in_channels, *([frames] if frames else []), side, side)
     parameter = next(model.parameters())
-    indices = list(range(samples))
-    generators = sampling.sample_generators(seed, indices)
-    noise = sampling.initial_noise(generators, shape).to(parameter.device,
-                                                         sampling.latent_dtype(parameter.dtype))
-    condition = condition_inputs(model, conditions, indices, guided, parameter.device,
-                                 parameter.dtype)
-    condition.update(sampling.size_condition(model, samples * (1 + guided),
-                                             (resolution, resolution), parameter.device,
-                                             parameter.dtype))
+    generators, noise, condition = sampling.prepare_batch(
+        model, conditions, list(range(samples)), shape=shape, size=(resolution, resolution),
+        seed=seed, guided=guided, device=parameter.device, dtype=parameter.dtype)
     first: list[ModelCall] = []
     model.eval()
     with Capture(model, **options) as capture:
@@ -192,7 +183,9 @@ def analyse_images(model: nn.Module, conditions, images, *, resolution: int, vae
     (default: all), under its guidance: see the module docstring. `images`: a folder or an
     .npz (the first `samples` images); `vae`: an AutoencoderKL (None: pixel space).
     `conditions` and `options` as for analyse_trajectory. Returns (rows, kept maps)."""
-    scheduler, steps, cfg_scale, guided = _recipe(model, scheduler, steps, cfg_scale, samples)
+    scheduler, steps, cfg_scale, _ = settings = _recipe(model, scheduler, steps, cfg_scale,
+                                                        samples)
+    guided = settings.guided
     wanted = _steps(analyse_steps, steps)
     conditions = _conditions(conditions)
     check_conditions(model, conditions, guided)
@@ -202,19 +195,12 @@ def analyse_images(model: nn.Module, conditions, images, *, resolution: int, vae
     timing = sampling.make_scheduler(scheduler)
     timing.set_timesteps(steps)
     timesteps = [float(timing.timesteps[k]) for k in wanted]
-    indices = list(range(samples))
-    noise = sampling.initial_noise(sampling.sample_generators(seed, indices), x0.shape[1:])
-    cond = condition_inputs(model, conditions, indices, False, parameter.device, parameter.dtype)
-    uncond = None
-    if guided:
-        both = condition_inputs(model, conditions, indices, True, parameter.device,
-                                parameter.dtype)
-        uncond = {k: v[samples:] for k, v in both.items()}
-    size = sampling.size_condition(model, samples, (resolution, resolution), parameter.device,
-                                   parameter.dtype)
-    cond.update(size)
-    if uncond is not None:
-        uncond.update(size)
+    _, noise, condition = sampling.prepare_batch(
+        model, conditions, list(range(samples)), shape=tuple(x0.shape[1:]),
+        size=(resolution, resolution), seed=seed, guided=guided, device=parameter.device,
+        dtype=parameter.dtype)
+    cond = {k: v[:samples] for k, v in condition.items()}
+    uncond = {k: v[samples:] for k, v in condition.items()} if guided else None
     calls = noised_inputs(x0, timesteps, cond, uncond, schedule=schedule_of(model),
                           noise=noise.to(x0))
     calls = [ModelCall(c.x.to(parameter.dtype), c.kwargs, wanted[k], c.timestep, c.cfg)

@@ -16,37 +16,14 @@ could hang. Each group started here therefore gets its own key prefix in the sto
 """
 
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
-DEVICES = ("cpu", "cuda", "cuda:N")
+
 _started = 0   # groups this process has started: every rank counts the same, a fresh prefix
-
-
-def check_device(device: str | torch.device, flag: str = "--device") -> torch.device:
-    """`device` as a torch.device if it can run here: 'cpu', 'cuda' (the current GPU; under
-    torchrun, LOCAL_RANK's) or 'cuda:N'. A one-line ValueError naming `flag` otherwise, never a
-    silent fall back to the CPU."""
-    text = str(device)
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
-        raise ValueError(f"{flag} {text!r} is not a device this command runs on; allowed: "
-                         f"{', '.join(DEVICES)} (nearest: cpu)")
-    device = torch.device(text)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"{flag} {text} was asked for but CUDA is not available here "
-                             f"(torch.cuda.is_available() is False; torch "
-                             f"{torch.__version__}, CUDA {torch.version.cuda or 'none'}); run "
-                             f"on a machine with a GPU or give {flag} cpu")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"{flag} {text}: this machine has {count} CUDA device"
-                             f"{'s' if count != 1 else ''}; allowed: cuda:0 … cuda:{count - 1}")
-    return device
 
 
 def current() -> tuple[int, int]:

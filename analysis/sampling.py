@@ -72,39 +72,19 @@ from tqdm.auto import tqdm
 from bench.rows import device_label, git_sha, provenance, status_of
 from bench.store import Store, check_writable, check_writable_folder
 from ptdit.attention import attention_modules
-from ptdit.checks import dtype_name, either, model_dtype, nearest_multiples
+from ptdit.checks import check_device, dtype_name, either, model_dtype, nearest_multiples
 
 from . import sample_writer
 from .conditions import (ClassLabels, Prompts, check_conditions, class_conditions,
                          condition_inputs, describe_runs, encode_prompts, prompt_embeddings)
-from .distributed import barrier, broadcast, check_device, process_group
+from .distributed import barrier, broadcast, process_group
+from .hashing import file_sha256, tensors_sha256
 from .offline import VAE, go_offline
+from .recipes import (FAMILY_RECIPES, FLOW_SHIFT, GUIDANCE_CHANNELS, SCHEDULER_STEPS,  # noqa: F401
+                      SCHEDULERS, TRAIN_TIMESTEPS, resolve)
 
 __all__ = ["ClassLabels", "Prompts", "class_conditions", "decode", "denoise", "encode_prompts",
            "guide", "load_vae", "make_scheduler", "prompt_embeddings", "sample", "sample_seed"]
-
-SCHEDULERS = ("ddpm", "dpm", "flow")
-GUIDANCE_CHANNELS = ("3", "all")
-SCHEDULER_STEPS = {"ddpm": 250, "dpm": 20, "flow": 30}   # each release's step count
-TRAIN_TIMESTEPS = 1000
-FLOW_SHIFT = 1.0   # official_ptdit.md states none: diffusers' default, recorded in every row
-
-
-class Recipe(NamedTuple):
-    """How a family's release samples."""
-    scheduler: str
-    cfg_scale: float
-    guidance_channels: str
-
-
-FAMILY_RECIPES = {
-    # DiT sample_ddp.py (its FID-50K: cfg 1.5, 250 IDDPM steps, guidance on 3 channels)
-    "DiT": Recipe("ddpm", 1.5, "3"),
-    # PixArt-alpha inference and PixArtAlphaPipeline: DPM-Solver, 20 steps, guidance 4.5
-    "PixArt": Recipe("dpm", 4.5, "all"),
-    # the released PT-DiT: rectified flow, 30 steps, cfg 4.0 (official_ptdit.md)
-    "PT-DiT": Recipe("flow", 4.0, "all"),
-}
 
 OnStep = Callable[[int, Tensor, Tensor, dict], None]
 
@@ -191,6 +171,20 @@ def sample_generators(seed: int, indices: list[int]) -> list[torch.Generator]:
 def initial_noise(generators: list[torch.Generator], shape: tuple[int, ...]) -> Tensor:
     """(B, *shape) float32 N(0, 1) on the CPU, row b drawn from generators[b]."""
     return torch.cat([torch.randn((1, *shape), generator=g) for g in generators])
+
+
+def prepare_batch(model: nn.Module, conditions, indices: list[int], *, shape: tuple[int, ...],
+                  size: tuple[int, int], seed: int, guided: bool, device, dtype: torch.dtype
+                  ) -> tuple[list[torch.Generator], Tensor, dict[str, Tensor]]:
+    """What the sampler needs for sample `indices`: their generators (sample_generators),
+    initial noise (B, *shape) in the latent dtype on `device`, and the model's condition
+    arguments — the conditional rows, then (`guided`) the null rows, with PixArtMS's size
+    condition for `size` (H, W) pixels."""
+    generators = sample_generators(seed, indices)
+    noise = initial_noise(generators, shape).to(device, latent_dtype(dtype))
+    condition = condition_inputs(model, conditions, indices, guided, device, dtype)
+    condition.update(size_condition(model, len(indices) * (1 + guided), size, device, dtype))
+    return generators, noise, condition
 
 
 #################################################################################
@@ -281,25 +275,6 @@ def latent_size(model: nn.Module, vae, resolution, frames: int | None) -> tuple[
     return (model.in_channels, *([frames] if frames is not None else []), *dims)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def tensors_sha256(module: nn.Module) -> str:
-    """sha256 over a module's state dict (names, dtypes, shapes and bytes, in name order)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        if tensor.numel():
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _backend(model: nn.Module) -> str:
     return ",".join(sorted({m.backend for m in attention_modules(model).values()})) or "none"
 
@@ -332,7 +307,7 @@ def _weights_identity(model: nn.Module, checkpoint, init_seed: int | None) -> di
     """What the model's weights are, for run.json: the checkpoint's sha256, the seed random
     weights were drawn with, or (neither given) the sha256 of the weights themselves."""
     if checkpoint:
-        return {"checkpoint_sha256": _sha256(Path(checkpoint))}
+        return {"checkpoint_sha256": file_sha256(checkpoint)}
     if init_seed is not None:
         return {"untrained": True, "init_seed": init_seed}
     return {"weights_sha256": tensors_sha256(model)}
@@ -404,21 +379,9 @@ def sample(model: nn.Module, *, vae, conditions, num: int, out: str | os.PathLik
     model_input, model_kwargs): see denoise. write_npz: rank 0 writes out/samples.npz from
     all the PNGs at the end. out/run.json records the settings (analysis.sample_writer); a
     folder holding samples of other settings is refused before anything is written."""
-    family = model.config.family
-    recipe = FAMILY_RECIPES[family]
-    scheduler = scheduler or recipe.scheduler
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
-    steps = SCHEDULER_STEPS[scheduler] if steps is None else steps
-    cfg_scale = recipe.cfg_scale if cfg_scale is None else float(cfg_scale)
-    if not math.isfinite(cfg_scale):
-        raise ValueError(f"cfg_scale {cfg_scale} is not finite; allowed: a finite number (1: "
-                         f"unguided; the family's: {recipe.cfg_scale})")
-    guidance_channels = guidance_channels or recipe.guidance_channels
-    if guidance_channels not in GUIDANCE_CHANNELS:
-        raise ValueError(f"guidance_channels {guidance_channels!r}; allowed: "
-                         f"{', '.join(GUIDANCE_CHANNELS)}")
-    for label, value in (("num", num), ("batch_size", batch_size), ("steps", steps)):
+    settings = resolve(model.config.family, scheduler, steps, cfg_scale, guidance_channels)
+    scheduler, steps, cfg_scale, guidance_channels = settings
+    for label, value in (("num", num), ("batch_size", batch_size)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{label} must be a positive int, got {value!r}")
     if not isinstance(start, int) or start < 0:
@@ -427,7 +390,7 @@ def sample(model: nn.Module, *, vae, conditions, num: int, out: str | os.PathLik
     device = check_device(device, "device")
     dtype = model_dtype(dtype)
     conditions = _conditions(conditions)
-    guided = cfg_scale != 1
+    guided = settings.guided
     check_conditions(model, conditions, guided)
     vae_folder = None
     if vae is None or isinstance(vae, (str, os.PathLike)):
@@ -531,11 +494,9 @@ def _sample(model, vae, conditions, vae_folder, shape, size, out: Path, store: S
     try:
         for indices in _batches(mine, lambda i: sample_writer.finished(out, i, frames, size),
                                 batch_size, skip):
-            generators = sample_generators(seed, indices)
-            noise = initial_noise(generators, shape).to(device, latent_dtype(dtype))
-            condition = condition_inputs(model, conditions, indices, guided, device, dtype)
-            condition.update(size_condition(model, len(indices) * (1 + guided), size, device,
-                                             dtype))
+            generators, noise, condition = prepare_batch(
+                model, conditions, indices, shape=shape, size=size, seed=seed, guided=guided,
+                device=device, dtype=dtype)
             latents = denoise(model, scheduler, steps, noise, condition, cfg_scale=cfg_scale,
                               guidance_channels=guidance_channels, generators=generators,
                               on_step=on_step)

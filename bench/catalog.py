@@ -27,3 +27,12 @@ def describe(name: str) -> dict:
         "attention": config.attention_layout(),
         "source": source,
     }
+
+
+def table(fmt: str = "table") -> str:
+    """`ptdit models`: every registry entry's row, rendered."""
+    import pandas as pd
+
+    from .markdown import render
+
+    return render(pd.DataFrame([describe(name) for name in ptdit.list_models()]), fmt)

@@ -291,3 +291,41 @@ def sweep(works: Iterable[Workload], counters: Iterable[str] = ("analytic",),
         for c in counters:
             if key(work, c, backend, dtype) not in skip:
                 yield count(work, c, backend, dtype)
+
+
+def run(models: Iterable[str], resolutions: Iterable, frames: Iterable[int] | None = None,
+        batch: int = 1, text_tokens: int = DEFAULT_TEXT_TOKENS,
+        window: tuple[int, int, int] | None = None, counters: Iterable[str] = ("analytic",),
+        backend: str = "sdpa", dtype: str = "float32", store=None) -> list[dict]:
+    """`ptdit flops`: a row per model × resolution × frames × counter. With `store` (a path:
+    checked, then locked for the run) each row is appended as it finishes, the cases it already
+    holds are not counted again, and the rows returned are every case asked for, stored
+    earlier or now."""
+    from .store import Store, check_writable
+
+    works = workloads(models, resolutions, frames or (None,), batch, text_tokens,
+                      tuple(window) if window else None)
+    counters = list(counters)
+    if store is None:
+        return list(sweep(works, counters, backend, dtype))
+    store = Store(check_writable(store, "--store"), "flops")
+    with store.lock():
+        for row in sweep(works, counters, backend, dtype, skip=store.done(KEY)):
+            store.append(row)
+        stored = store.latest(KEY)
+    return [stored[key(w, c, backend, dtype)] for w in works for c in counters]
+
+
+def table(rows: list[dict], fmt: str) -> str:
+    """The rows as `ptdit flops` prints them: tables leave out provenance and the categories
+    that are zero in every row."""
+    import pandas as pd
+
+    from .markdown import PROVENANCE, render
+
+    df = pd.DataFrame(rows)
+    if fmt in ("table", "markdown"):
+        zero = [c for c in df.columns if c.startswith(("linear_", "attn_"))
+                and c.endswith("_gmacs") and not df[c].fillna(0).any()]
+        df = df.drop(columns=[c for c in (*PROVENANCE, *zero) if c in df])
+    return render(df, fmt)

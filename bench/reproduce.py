@@ -6,7 +6,7 @@ figure or table and the paper version) and writes, to an output folder:
   and a note saying why the two differ where they do; `unit` is the unit of both `paper_value`
   and `ours` as compared (GMACs, or % for ratios and reductions), `printed_unit` the paper's label
   (the DiT paper's "Gflops" and the PT-DiT paper's "GFLOPs" are MACs, paper.md §3.5);
-- complexity.md: the same as Markdown tables (bench.report.markdown), plus the headline claims,
+- complexity.md: the same as Markdown tables (bench.markdown.markdown), plus the headline claims,
   the Eq. 4 ratios and the matched-width comparisons (ours only);
 - gflops_vs_resolution, attention_share, video_vs_frames: each plot's curves as a CSV (`curves`,
   one row per point) beside its PNG (bench.plots draws them from those rows).
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bench import plots, report
+from bench import markdown, plots
 from bench.rows import provenance
-from bench.store import Store
+from bench.store import Store, check_writable
 from ptdit import complexity, get_config, list_models
 
 PUBLISHED = Path(__file__).with_name("published.csv")
@@ -317,9 +317,14 @@ def cost_rows(df: pd.DataFrame, points: pd.DataFrame) -> list[dict]:
     return [{**env, **cost(m, r, _frames(f)), "status": "ok"} for m, r, f in sorted(cases)]
 
 
-def run(out_dir: Path = DEFAULT_OUT, store: Store | None = None) -> str:
+def run(out_dir: Path = DEFAULT_OUT, store: str | Path | Store | None = None) -> str:
     """Writes complexity.csv, complexity.md and each plot's PNG and CSV to `out_dir`, and, with
-    a `store`, appends the closed-form rows used (`cost_rows`); returns the Markdown."""
+    a `store` (a path, checked and locked, or a Store), appends the closed-form rows used
+    (`cost_rows`); returns the Markdown."""
+    if store is not None and not isinstance(store, Store):
+        store = Store(check_writable(store, "--store"), "complexity").check()
+        with store.lock():
+            return run(out_dir, store)
     if str(out_dir).strip() == "":
         raise ValueError("--out is empty; give a folder (it is created if missing)")
     out_dir = Path(out_dir)
@@ -332,7 +337,7 @@ def run(out_dir: Path = DEFAULT_OUT, store: Store | None = None) -> str:
     published = load_published()
     df = compare(published)
     df.to_csv(out_dir / "complexity.csv", index=False)
-    text = report.markdown(df, published, block_coefficients())
+    text = markdown.markdown(df, published, block_coefficients())
     (out_dir / "complexity.md").write_text(text + "\n")
     points = curves()
     by_plot = {plot: plot_curves(points, plot) for plot in PLOTS}

@@ -23,36 +23,10 @@ from matplotlib.ticker import NullFormatter
 
 from ptdit import get_config
 
-# (PT-DiT model, its baseline, why the pair)
-PAIRS = (("PT-DiT/XL", "PixArt-XL/2", "matched width and depth"),
-         ("PT-DiT/L", "PixArt-XL/2", "the paper's pair (0.6B each)"),
-         ("PT-DiT/B", "DiT-B/2", "the paper's pair (0.14B vs 0.13B)"),
-         ("PT-DiT/XL", "DiT-XL/2", "matched width and depth, class-conditioned base"))
-# the issue's target: PT-DiT/XL's achieved TFLOP/s at 2048 px at least 80% of PixArt-XL/2's
-TARGET = ("PT-DiT/XL", "PixArt-XL/2", 2048, 0.8)
-
-SETUP = ("device", "dtype", "mode")              # one Markdown table per setup
-EXTRAS = ("backend", "compile", "cuda_graphs", "overrides")   # the rest of a case's setup
-SHAPE = ("resolution", "latent_frames", "batch")
-CASE = SETUP + EXTRAS + SHAPE
-VARIANT = ("text_tokens", "window")              # model inputs that may differ within a case
-SERIES = EXTRAS + ("batch",) + VARIANT           # what splits a plot's model into lines
-PROVENANCE = ("host", "torch", "git_sha", "time_utc")
-LATENCY = ("latency_ms_median", "latency_ms_iqr", "latency_ms_min", "n", "warmup", "compile_s",
-           "total_gmacs", "achieved_tflops")
-MEMORY = ("memory_method", "peak_mib", "reserved_mib", "baseline_mib", "predicted_activation_mib",
-          "measured_over_predicted")
-KEY = ("model",) + CASE + VARIANT + ("tokens", "forward_batch", "threads")
-COLUMNS = ("measurement", "status") + KEY + PROVENANCE + LATENCY + MEMORY
-PROFILE_CATEGORIES = ("gemm", "attention", "layout", "norm", "elementwise", "optimizer", "other",
-                      "untraced")   # bench.profile.CATEGORIES
-PROFILE_COLUMNS = ("model", *CASE, *VARIANT, "tokens", "threads", "step_ms",
-                   *[f"{c}_share" for c in PROFILE_CATEGORIES], "gemm_tflops",
-                   "attention_tflops")
-MEASUREMENTS = ("latency", "memory", "profile")   # bench.sweep.MEASUREMENTS
-NO_SAVING = "no saving predicted"
-NO_MACS = "no total_gmacs in a row"
-
+from . import plots as _plots
+from .cases import (CASE, COLUMNS, EXTRAS, KEY, LATENCY, MEASUREMENTS, MEMORY, NO_MACS, NO_SAVING,
+                    PAIRS, PROFILE_COLUMNS, PROVENANCE, SETUP, SHAPE, VARIANT)
+from .markdown import runtime_markdown
 
 #################################################################################
 #                                 Rows and cases                                #
@@ -149,197 +123,21 @@ def speedups(frame: pd.DataFrame) -> pd.DataFrame:
                            ignore_index=True)
 
 
-#################################################################################
-#                                     Plots                                     #
-#################################################################################
-
-def _panels(rows: pd.DataFrame, by=("device", "dtype")) -> list[tuple[str, pd.DataFrame]]:
-    return [(" · ".join(map(str, keys)), g)
-            for keys, g in rows.groupby(list(by), sort=False, dropna=False)]
-
-
-def _series(rows: pd.DataFrame, x: str, extras: tuple[str, ...]
-            ) -> Iterator[tuple[str, pd.DataFrame]]:
-    """(label, its rows sorted by `x`) per model, split further by whatever else varies within
-    that model's rows, which the label then names."""
-    for model, m in rows.groupby("model", sort=False):
-        vary = [c for c in extras if m[c].astype(str).nunique() > 1]
-        for keys, g in m.groupby(vary, sort=False, dropna=False) if vary else [((), m)]:
-            named = ", ".join(f"{c} {v}" for c, v in zip(vary, keys))
-            yield (f"{model} ({named})" if named else model), g.sort_values(x, kind="stable")
-
-
-def _log_ticks(ax, values) -> None:
-    """Label the x axis at `values` only (log scale)."""
-    ax.set_xticks(values, [str(v) for v in values], minor=False)
-    ax.xaxis.set_minor_formatter(NullFormatter())
-
-
-def _draw(panels: list, x: str, y: str, path: Path, xlabel: str, ylabel: str, title: str,
-          yscale: str = "log", extras: tuple[str, ...] = SERIES) -> Figure | None:
-    """One axes per panel, one line per series of `y` against `x`; None (no file) if no panel."""
-    if not panels:
-        return None
-    fig = Figure(figsize=(6.5 * len(panels), 5))
-    for ax, (name, rows) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
-        for label, line in _series(rows, x, extras):
-            ax.plot(line[x].to_numpy(), line[y].to_numpy(), "-o", ms=4, label=label)
-        ax.set(xscale="log", yscale=yscale, xlabel=xlabel, ylabel=ylabel,
-               title=f"{title}\n{name}")
-        _log_ticks(ax, sorted(rows[x].unique()))
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def _save(fig: Figure, path: Path) -> Figure:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return fig
-
-
-def _forward_images(latency: pd.DataFrame) -> pd.DataFrame:
-    return latency[(latency["mode"] == "forward") & (latency.latent_frames == 1)]
-
-
-def plot_latency(latency: pd.DataFrame, path: Path) -> Figure | None:
-    """Median forward latency vs resolution, log-log, one line per model, a panel per device
-    and dtype (images, forward mode); None and no file without such rows."""
-    return _draw(_panels(_forward_images(latency)), "resolution", "latency_ms_median", path,
-                 "resolution (px)", "median latency (ms)", "Forward latency, images")
-
-
-def plot_tflops(latency: pd.DataFrame, path: Path) -> Figure | None:
-    """Achieved TFLOP/s (the rows' own) vs resolution, one line per model, a panel per device
-    and dtype (images, forward mode); None and no file without such rows."""
-    rows = _forward_images(latency).dropna(subset=["achieved_tflops"])
-    return _draw(_panels(rows), "resolution", "achieved_tflops", path, "resolution (px)",
-                 "achieved TFLOP/s (2 × total_gmacs / median)", "Achieved rate, images",
-                 yscale="linear")
-
-
-def plot_memory(memory: pd.DataFrame, path: Path) -> Figure | None:
-    """Peak MiB vs latent frames per model (the PT-DiT paper's training-memory figure): train
-    mode where a panel has it, else forward; None and no file without video rows."""
-    panels = []
-    for name, rows in _panels(memory):
-        mode = next((m for m in ("train", "forward") if (rows["mode"] == m).any()), None)
-        rows = rows[rows["mode"] == mode]
-        if (rows.latent_frames > 1).any():
-            panels.append((f"{name} · {mode}", rows))
-    return _draw(panels, "latent_frames", "peak_mib", path, "latent frames", "peak memory (MiB)",
-                 "Peak memory vs frames", yscale="linear", extras=("resolution",) + SERIES)
-
-
-def plot_speedups(speedup: pd.DataFrame, path: Path) -> Figure | None:
-    """Measured vs predicted speedup, one marker series per pair and setup, each point
-    labelled by its resolution (and frames), with the y = x line; None and no file if empty."""
-    rows = speedup.dropna(subset=["measured_speedup", "predicted_speedup"])
-    if rows.empty:
-        return None
-    fig = Figure(figsize=(7, 6))
-    ax = fig.subplots()
-    setups = rows.groupby(list(SETUP), sort=False, dropna=False).ngroups
-    for keys, g in rows.groupby(["pair", *SETUP], sort=False, dropna=False):
-        label = keys[0] + (f" ({' · '.join(map(str, keys[1:]))})" if setups > 1 else "")
-        ax.plot(g.predicted_speedup.to_numpy(), g.measured_speedup.to_numpy(), "o", label=label)
-        for r in g.itertuples():
-            frames = f" × {r.latent_frames} f" if r.latent_frames > 1 else ""
-            ax.annotate(f"{r.resolution} px{frames}", (r.predicted_speedup, r.measured_speedup),
-                        textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ends = [0, max(rows.predicted_speedup.max(), rows.measured_speedup.max()) * 1.1]
-    ax.plot(ends, ends, "k--", lw=1, label="y = x (all predicted saving realised)")
-    ax.set(xlim=ends, ylim=ends, xlabel="predicted speedup (baseline / PT-DiT total_gmacs)",
-           ylabel="measured speedup (baseline / PT-DiT median latency)",
-           title="PT-DiT vs baseline: measured vs predicted")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
 # file -> (plot, the table it draws, what it needs)
 PLOTS: dict[str, tuple[Callable, str, str]] = {
-    "latency_vs_resolution.png": (plot_latency, "latency", "ok forward-mode image latency rows"),
-    "speedup_measured_vs_predicted.png": (plot_speedups, "speedups",
+    "latency_vs_resolution.png": (_plots.plot_latency, "latency", "ok forward-mode image latency rows"),
+    "speedup_measured_vs_predicted.png": (_plots.plot_speedups, "speedups",
                                           "a PT-DiT model and its baseline measured in one case"),
-    "memory_vs_frames.png": (plot_memory, "memory",
+    "memory_vs_frames.png": (_plots.plot_memory, "memory",
                              "ok train- or forward-mode memory rows with latent_frames > 1"),
-    "tflops_vs_resolution.png": (plot_tflops, "latency",
+    "tflops_vs_resolution.png": (_plots.plot_tflops, "latency",
                                  "ok forward-mode image latency rows with achieved_tflops"),
 }
 
 
 #################################################################################
-#                                    Markdown                                   #
+#                                 Checks, profiles                              #
 #################################################################################
-
-def _num(value) -> str:
-    if value is None or pd.isna(value):
-        return ""
-    return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
-
-
-def _ratio(value) -> str:
-    return "" if value is None or pd.isna(value) else f"{value:.3f}"
-
-
-def _varying(rows: pd.DataFrame) -> list[str]:
-    return [c for c in EXTRAS if rows[c].astype(str).nunique() > 1]
-
-
-def _table(rows: pd.DataFrame, columns: list[str], formats: dict[str, Callable]) -> str:
-    view = rows[columns].copy()
-    for column, fmt in formats.items():
-        if column in view:
-            view[column] = view[column].map(fmt)
-    return view.to_markdown(index=False)
-
-
-def _by_setup(rows: pd.DataFrame, render: Callable[[pd.DataFrame], str]) -> list[str]:
-    if rows.empty:
-        return ["No rows.", ""]
-    out = []
-    for keys, g in rows.groupby(list(SETUP), sort=False, dropna=False):
-        out += [f"### {' · '.join(map(str, keys))}", "", render(g), ""]
-    return out
-
-
-def _machines(rows: pd.DataFrame) -> list[str]:
-    seen = rows[["device", "host", "torch", "git_sha"]].astype(str).drop_duplicates()
-    return [f"- **{r.device}** on host `{r.host}`, torch {r.torch}, ptdit {r.git_sha}"
-            for r in seen.itertuples()] or ["- no rows"]
-
-
-def _target(speedup: pd.DataFrame) -> list[str]:
-    ptdit, baseline, resolution, share = TARGET
-    rows = speedup[(speedup.pair == f"{ptdit} vs {baseline}") & (speedup.resolution == resolution)
-                   & (speedup.latent_frames == 1)].dropna(subset=["tflops_ratio"])
-    head = (f"## Target: {ptdit}'s achieved TFLOP/s at {resolution} px ≥ {share:.0%} of "
-            f"{baseline}'s")
-    if rows.empty:
-        return [head, "", f"Not measured: no case with ok latency rows (with achieved_tflops) of "
-                f"both models at {resolution} px.", ""]
-    lines = [f"- {' · '.join(str(getattr(r, c)) for c in SETUP)}, batch {r.batch}: "
-             f"{r.ptdit_achieved_tflops:.4g} vs {r.baseline_achieved_tflops:.4g} TFLOP/s = "
-             f"{r.tflops_ratio:.1%}: {'met' if r.tflops_ratio >= share else 'not met'}"
-             for r in rows.itertuples()]
-    return [head, "", *lines, ""]
-
-
-def _header(rows: pd.DataFrame, superseded: int, vary: list[str]) -> list[str]:
-    shared = ", ".join(f"{c} {rows[c].iloc[0]}" for c in EXTRAS if c not in vary and len(rows))
-    return ["# Runtime: measured latency and memory", "",
-            "Made by `bench.runtime_report.write_report` from the results rows of "
-            f"`bench.latency` / `bench.memory`: {len(rows)} rows, {(rows.status == 'ok').sum()} "
-            f"ok, {superseded} superseded by a later row of the same case. Measured on:", "",
-            *_machines(rows), "",
-            f"Shared by every row: {shared or 'nothing'}. Latency: median ± IQR over `n` timed "
-            "runs after `warmup`, in ms. `total_gmacs`: closed-form MACs of the step's forward "
-            "pass(es), `macs` convention (linear layers and attention products; FLOPs = 2 × "
-            "MACs). A case is a device, dtype, mode, backend, compile, CUDA graphs, overrides, "
-            "batch, resolution and latent frames; rows of different cases are never compared.",
-            ""]
-
 
 def check_rows(frame: pd.DataFrame) -> None:
     """ValueError unless `frame` holds a latency, memory or profile row (of any status): an
@@ -349,45 +147,6 @@ def check_rows(frame: pd.DataFrame) -> None:
     if "measurement" not in frame or not frame.measurement.isin(MEASUREMENTS).any():
         raise ValueError(f"no {', '.join(MEASUREMENTS[:-1])} or {MEASUREMENTS[-1]} rows among "
                          f"the {len(frame)} rows given")
-
-
-def markdown(frame: pd.DataFrame, speedup: pd.DataFrame, plots: dict[str, bool]) -> str:
-    """runtime.md from the rows, their speedups and which plots were drawn (file -> drawn);
-    ValueError without runtime rows (`check_rows`)."""
-    check_rows(frame)
-    rows = normalise(frame)
-    latency, memory = latest(measured(frame, "latency")), latest(measured(frame, "memory"))
-    superseded = (rows.status == "ok").sum() - len(latency) - len(memory)
-    vary = _varying(rows)
-    out = _header(rows, superseded, vary)
-    out += ["## PT-DiT speedups", "",
-            "`measured` = baseline / PT-DiT median latency; `predicted` = baseline / PT-DiT "
-            "`total_gmacs`; `realised` = (1 − 1/measured) / (1 − 1/predicted), the share of the "
-            f"predicted time saving measured (only where predicted > 1, else \"{NO_SAVING}\"); "
-            "`tflops_ratio` = PT-DiT / baseline achieved TFLOP/s.", "",
-            *_by_setup(speedup, lambda g: _speedup_table(g, vary)), *_target(speedup)]
-    out += ["## Latency", "", *_by_setup(latency, lambda g: _latency_table(g, vary))]
-    out += ["## Memory", "", "`measured_over_predicted` as the harness wrote it (measured over "
-            "predicted activation MiB, by `memory_method`).", "",
-            *_by_setup(memory, lambda g: _memory_table(g, vary))]
-    profiled = profiles(frame)
-    if len(profiled):
-        out += ["## Where the time goes (torch.profiler)", "",
-                "`bench.profile`: each operator's self time per step, by category (`gemm`: "
-                "linear layers and the patch conv; `attention`: attention kernels; `layout`: "
-                "copies and gathers; `untraced`: outside any operator), as a share of the "
-                "profiled step (`step_ms`, inflated a little by the profiler); `gemm_tflops` "
-                "and `attention_tflops`: the closed form's linear and attention MACs of the "
-                "step over the time of that category.", "",
-                *_by_setup(profiled, lambda g: _profile_table(g, vary))]
-    out += ["## Plots", "", *[f"- `{name}`" if drawn else
-                              f"- `{name}`: skipped, no rows for it (needs {PLOTS[name][2]})"
-                              for name, drawn in plots.items()], ""]
-    failed = rows[rows.status != "ok"]
-    out += ["## Not measured (oom, skipped, error)", "",
-            _table(failed, ["measurement", *SETUP, "model", *SHAPE, *vary, "status"], {})
-            if len(failed) else "None: every row is ok.", ""]
-    return "\n".join(out)
 
 
 def profiles(frame: pd.DataFrame) -> pd.DataFrame:
@@ -416,40 +175,15 @@ def profiles(frame: pd.DataFrame) -> pd.DataFrame:
     return out.reindex(columns=[c for c in PROFILE_COLUMNS if c in out or c in case])
 
 
-def _profile_table(rows: pd.DataFrame, vary: list[str]) -> str:
-    columns = ["model", *SHAPE, *vary, "tokens", "step_ms",
-               *[f"{c}_share" for c in PROFILE_CATEGORIES], "gemm_tflops", "attention_tflops"]
-    formats = {c: _ratio for c in columns if c.endswith("_share")}
-    return _table(rows, columns, formats | {c: _num for c in ("step_ms", "gemm_tflops",
-                                                              "attention_tflops")})
 
 
-def _speedup_table(rows: pd.DataFrame, vary: list[str]) -> str:
-    columns = ["pair", *SHAPE, *vary, "baseline_latency_ms", "ptdit_latency_ms",
-               "measured_speedup", "predicted_speedup", "realised_fraction",
-               "baseline_achieved_tflops", "ptdit_achieved_tflops", "tflops_ratio", "note"]
-    formats = {c: _num for c in columns if c.endswith(("_ms", "_tflops"))}
-    formats |= {c: _ratio for c in ("measured_speedup", "predicted_speedup", "realised_fraction",
-                                    "tflops_ratio")}
-    return _table(rows, columns, formats)
-
-
-def _latency_table(rows: pd.DataFrame, vary: list[str]) -> str:
-    view = rows.sort_values(["model", "latent_frames", "resolution", "batch"], kind="stable")
-    view = view.assign(latency_ms=[f"{_num(m)} ± {_num(q)}" for m, q in
-                                   zip(view.latency_ms_median, view.latency_ms_iqr)])
-    columns = ["model", *SHAPE, *vary, "tokens", "latency_ms", "n", "compile_s", "total_gmacs",
-               "achieved_tflops"]
-    return _table(view, columns, {c: _num for c in ("compile_s", "total_gmacs",
-                                                    "achieved_tflops")})
-
-
-def _memory_table(rows: pd.DataFrame, vary: list[str]) -> str:
-    view = rows.sort_values(["model", "latent_frames", "resolution", "batch"], kind="stable")
-    columns = ["model", *SHAPE, *vary, "tokens", "memory_method", "peak_mib", "reserved_mib",
-               "baseline_mib", "predicted_activation_mib", "measured_over_predicted"]
-    formats = {c: _num for c in columns if c.endswith("_mib")}
-    return _table(view, columns, formats | {"measured_over_predicted": _ratio})
+def markdown(frame: pd.DataFrame, speedup: pd.DataFrame, plots: dict[str, bool]) -> str:
+    """runtime.md from the rows, their speedups and which plots were drawn (file -> drawn);
+    ValueError without runtime rows (`check_rows`)."""
+    check_rows(frame)
+    latency, memory = latest(measured(frame, "latency")), latest(measured(frame, "memory"))
+    return runtime_markdown(normalise(frame), latency, memory, speedup, profiles(frame),
+                            {name: (drawn, PLOTS[name][2]) for name, drawn in plots.items()})
 
 
 #################################################################################
@@ -482,3 +216,19 @@ def write_report(frame: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
     written["runtime.md"] = out_dir / "runtime.md"
     written["runtime.md"].write_text(markdown(frame, tables["speedups"], drawn))
     return written
+
+
+def report_store(store: str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """`ptdit report`: write_report of the runtime rows of `store` into `out_dir` (checked
+    first); ValueError for a missing or empty store."""
+    from .store import Store, check_writable_folder
+
+    if not Path(store).is_file():
+        raise ValueError(f"no results store at {store}; make one with `ptdit sweep "
+                         f"FILE.toml --out {store}`")
+    check_writable_folder(out_dir, "--out")
+    frame = Store(store, "runtime").frame()
+    if frame.empty:
+        raise ValueError(f"no rows in {store}: nothing to report (fill it with `ptdit "
+                         f"sweep FILE.toml --out {store}`)")
+    return write_report(frame, out_dir)

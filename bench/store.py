@@ -26,7 +26,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .rows import SCHEMA_VERSION
 
@@ -200,7 +199,10 @@ class Store:
                 raise ValueError(f"{self.path} holds {_what(row)} (line {number}); expected "
                                  f"{self._expected()}: write to another store")
 
-    def frame(self) -> pd.DataFrame:
+    def frame(self):
+        """The rows as a pandas DataFrame."""
+        import pandas as pd   # here: the CLI's parsers import this module, --help stays light
+
         return pd.DataFrame(self.rows())
 
     def done(self, keys: Sequence[str], statuses: Iterable[str] | None = None) -> set[tuple]:

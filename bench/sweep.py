@@ -46,7 +46,7 @@ from ptdit.workload import DEFAULT_TEXT_TOKENS
 from . import latency, memory, profile
 from .latency import DTYPES, MODES, Case
 from .rows import device_label
-from .store import Store, row_key
+from .store import Store, check_writable, row_key
 
 MEASUREMENTS = ("latency", "memory", "profile")
 REQUIRED = object()
@@ -60,6 +60,7 @@ class Key:
     allowed: str
     check: Callable[[object], bool]
     many: bool = True      # a list of values; a single value stands for a list of one
+    flag: str = ""         # how `ptdit bench` takes it (bench/cli.py builds its flags from KEYS)
 
 
 INT_MAX = 2**63 - 1   # TOML integers are 64-bit; tomllib reads larger ones all the same
@@ -69,36 +70,46 @@ def _positive(v) -> bool:
     return is_int(v) and 0 < v <= INT_MAX
 
 
+def _resolution(v) -> bool:
+    """A side, or a [height, width] pair (the CLI's HxW), in pixels."""
+    return _positive(v) or (isinstance(v, (list, tuple)) and len(v) == 2
+                            and all(_positive(x) for x in v))
+
+
 KEYS: dict[str, Key] = {
     "models": Key("model names, as `ptdit models` lists them", REQUIRED,
-                  "registry names (`ptdit models`)", lambda v: isinstance(v, str)),
-    "resolutions": Key("square image sides in pixels (latent side = px / 8)", REQUIRED,
-                       "positive 64-bit integers (pixels)", _positive),
+                  "registry names (`ptdit models`)", lambda v: isinstance(v, str), flag="--model"),
+    "resolutions": Key("image sizes in pixels: a side, or [height, width] (latent = px / 8)",
+                       REQUIRED, "positive 64-bit integers (pixels), or [height, width] pairs "
+                       "of them", _resolution, flag="--resolution"),
     "frames": Key("latent frames of video latents (B, 4, F, H, W); omitted: images", [None],
-                  "positive 64-bit integers (latent frames)", _positive),
+                  "positive 64-bit integers (latent frames)", _positive, flag="--frames"),
     "batch": Key("requested batch sizes (cfg runs the model at twice this)", [1],
-                 "positive 64-bit integers", _positive),
+                 "positive 64-bit integers", _positive, flag="--batch-size"),
     "dtype": Key("model and input dtype", ["float32"], ", ".join(DTYPES),
-                 lambda v: v in DTYPES),
-    "backend": Key("attention backend", ["sdpa"], ", ".join(BACKENDS), lambda v: v in BACKENDS),
+                 lambda v: v in DTYPES, flag="--dtype"),
+    "backend": Key("attention backend", ["sdpa"], ", ".join(BACKENDS), lambda v: v in BACKENDS,
+                   flag="--backend"),
     "mode": Key("forward (no_grad), cfg (guided: batch doubled) or train (forward, MSE, "
-                "backward, AdamW step)", ["forward"], ", ".join(MODES), lambda v: v in MODES),
+                "backward, AdamW step)", ["forward"], ", ".join(MODES), lambda v: v in MODES,
+                flag="--mode"),
     "measure": Key("which rows each case gets", ["latency"], ", ".join(MEASUREMENTS),
-                   lambda v: v in MEASUREMENTS),
+                   lambda v: v in MEASUREMENTS, flag="MEASUREMENT"),
     "compile": Key("torch.compile the model (latency rows; compile time in compile_s)", [False],
-                   "true, false", lambda v: isinstance(v, bool)),
+                   "true, false", lambda v: isinstance(v, bool), flag="--compile"),
     "cuda_graphs": Key("replay the step as a CUDA graph (latency rows on cuda)", [False],
-                       "true, false", lambda v: isinstance(v, bool)),
+                       "true, false", lambda v: isinstance(v, bool), flag="--cuda-graphs"),
     "device": Key("where cases run (cuda: the current GPU, chosen by CUDA_VISIBLE_DEVICES)",
-                  "cpu", "cpu, cuda", lambda v: v in latency.DEVICES, many=False),
+                  "cpu", "cpu, cuda", lambda v: v in latency.DEVICES, many=False, flag="--device"),
     "repeats": Key("timed steps per latency row", 10, "a positive 64-bit integer", _positive,
-                   many=False),
+                   many=False, flag="--repeats"),
     "warmup": Key("untimed steps before them", 2, "a non-negative 64-bit integer",
-                  lambda v: is_int(v) and 0 <= v <= INT_MAX, many=False),
+                  lambda v: is_int(v) and 0 <= v <= INT_MAX, many=False, flag="--warmup"),
     "text_tokens": Key("T5 caption tokens of text models", DEFAULT_TEXT_TOKENS,
-                       "a positive 64-bit integer", _positive, many=False),
+                       "a positive 64-bit integer", _positive, many=False, flag="--text-tokens"),
     "overrides": Key("config fields set on every model of the grid, e.g. {depth = 2}", {},
-                     "a table of config fields", lambda v: isinstance(v, dict), many=False),
+                     "a table of config fields", lambda v: isinstance(v, dict), many=False,
+                     flag="--override"),
 }
 FILE_KEYS = (*KEYS, "grid")   # grid: [[grid]] tables, each a grid over the top-level defaults
 SMOKE = {"depth": 1, "hidden_size": 64, "num_heads": 4}   # `smoke`'s tiny models
@@ -257,7 +268,8 @@ def _grid_jobs(grid: dict) -> Iterator[Job]:
                 for batch in grid["batch"]:
                     with _named(grid, models=model, resolutions=res, frames=frames, batch=batch,
                                 text_tokens=grid["text_tokens"], overrides=grid["overrides"]):
-                        work = Workload(model, res, frames, batch, grid["text_tokens"],
+                        work = Workload(model, tuple(res) if isinstance(res, list) else res,
+                                        frames, batch, grid["text_tokens"],
                                         overrides=grid["overrides"])
                     yield from _setups(work, grid)
 
@@ -417,3 +429,108 @@ def estimate_tflop(jobs: list[Job]) -> float:
              "profile": lambda j: j.repeats + j.warmup}
     return sum(latency.costs(j.case)["step_gflops"] * steps[j.measurement](j)
                for j in jobs) / 1e3
+
+
+#################################################################################
+#                     The two commands: `ptdit bench`, `ptdit sweep`           #
+#################################################################################
+
+EXIT_RULE = ("Exit status: 1 when some row has an 'error: …' status, else 0 ('oom' and "
+             "'skipped: …' rows are results); 2 for bad input, before anything is measured.")
+
+
+def exit_status(rows: Iterable[dict]) -> int:
+    """EXIT_RULE's status of a run's rows."""
+    return 1 if any(failed(row) for row in rows) else 0
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's CPU intra-op threads (None: leave torch's default)."""
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be a positive integer, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def run_flags(spec: dict, store: str | Path | None = None, retry_failed: bool = False,
+              threads: int | None = None) -> list[dict]:
+    """`ptdit bench`: the cases of one grid given as flags (`spec`: sweep keys -> values; its
+    errors name the flags, KEYS[key].flag), measured, and appended to `store` (a path: checked
+    and locked; the cases it holds are not measured again, and the rows returned include
+    them). KeyboardInterrupt passes through, every finished row stored."""
+    set_threads(threads)
+    measurement = spec.get("measure")
+    eager_only = [f for f, on in (("--compile", spec.get("compile")),
+                                  ("--cuda-graphs", spec.get("cuda_graphs"))) if on]
+    if measurement == "memory" and eager_only:
+        many = len(eager_only) > 1
+        raise ValueError(f"memory rows measure eager steps; {' and '.join(eager_only)} "
+                         f"appl{'y' if many else 'ies'} to latency and profile rows only: drop "
+                         f"{'them' if many else 'it'}, or measure latency")
+    if retry_failed and store is None:
+        raise ValueError("--retry-failed measures the failed cases of --store again; give "
+                         "--store")
+    names = {key: k.flag for key, k in KEYS.items()}
+    names["measure"] = "the measurement"
+    jobs = plan(grids(spec, names=names))
+    if store is None:
+        return list(run(jobs))
+    store = Store(check_writable(store, "--store"), "runtime")
+    with store.lock():
+        for _ in run(jobs, store, retry_failed=retry_failed):
+            pass
+    return stored_rows(jobs, store)          # a resumed run shows the earlier rows too
+
+
+@dataclass
+class SweepResult:
+    """What `run_file` did: the jobs, the store, the text to print, the exit status."""
+    store: Store
+    text: str
+    status: int
+    report: str | None = None
+
+
+def run_file(file: str | Path, out: str, *, quick: bool = False, dry_run: bool = False,
+             report: str | None = None, retry_failed: bool = False,
+             threads: int | None = None) -> SweepResult:
+    """`ptdit sweep`: a sweep file's cases (with `quick`, their `smoke` version) into the store
+    `out` —
+    checked, then locked while measuring — and its runtime report into `report`; '{device}' in
+    either path becomes the device's name. `dry_run` lists the cases and measures nothing.
+    KeyboardInterrupt passes through, every finished row stored."""
+    from .markdown import rows_table
+    from .store import check_writable_folder
+
+    set_threads(threads)
+    cases = grids(load(file), str(file))
+    jobs = plan(smoke(cases) if quick else cases)
+    paths = [out] + ([report] if report else [])
+    if any("{device}" in p for p in paths):
+        slug = device_slug(jobs)
+        paths = [p.replace("{device}", slug) for p in paths]
+    out, report = paths[0], (paths[1] if report else None)
+    store = Store(check_writable(out, "--out"), "runtime")
+    if report:
+        check_writable_folder(report, "--report")
+    if dry_run:   # nothing is measured or written
+        done = stored_keys(store, retry_failed)
+        listed = [{**job.fields(), "stored": job.key() in done} for job in jobs]
+        text = (rows_table(listed, "table") + f"\n{len(jobs)} cases, "
+                f"{sum(row['stored'] for row in listed)} already in {out}; the timed steps' "
+                f"closed-form work: {estimate_tflop(jobs):.4g} TFLOP")
+        return SweepResult(store, text, 0)
+    with store.lock():
+        new = list(run(jobs, store, retry_failed=retry_failed))
+    measured = {row_key(row, KEY) for row in new}   # a profile case writes several rows
+    per_case = {row_key(row, KEY): row for row in stored_rows(jobs, store)}
+    tally = counts(per_case.values())
+    kept = sum(failed(row) for key, row in per_case.items() if key not in measured)
+    text = (f"{len(jobs)} cases of {file}: {len(measured)} measured now, "
+            f"{len(jobs) - len(measured)} already stored; "
+            + ", ".join(f"{n} {status}" for status, n in tally.items())
+            + (f"; {kept} failed case{'s' * (kept != 1)} not retried (--retry-failed measures "
+               "them again)" if kept else "") + f"; store: {store.path}")
+    return SweepResult(store, text, 1 if tally["error"] else 0, report)

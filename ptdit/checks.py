@@ -6,12 +6,14 @@ nearest valid values. Nothing here imports the rest of ptdit.
 
 import dataclasses
 import math
+import re
 from collections.abc import Iterable
 
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64}
+DEVICE_NAMES = ("cpu", "cuda", "cuda:N")
 
 
 def model_dtype(dtype) -> torch.dtype | None:
@@ -140,3 +142,25 @@ def check_fields(config_class: type, fields, label: str) -> None:
     if unknown:
         raise ValueError(f"{label} has no option(s) {', '.join(unknown)}; "
                          f"allowed: {', '.join(sorted(known))}")
+
+
+def check_device(device: str | torch.device, flag: str = "--device") -> torch.device:
+    """`device` as a torch.device if it can run here: 'cpu', 'cuda' (the current GPU; under
+    torchrun, LOCAL_RANK's) or 'cuda:N'. A one-line ValueError naming `flag` otherwise, never a
+    silent fall back to the CPU."""
+    text = str(device)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise ValueError(f"{flag} {text!r} is not a device this command runs on; allowed: "
+                         f"{', '.join(DEVICE_NAMES)} (nearest: cpu)")
+    device = torch.device(text)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{flag} {text} was asked for but CUDA is not available here "
+                             f"(torch.cuda.is_available() is False; torch "
+                             f"{torch.__version__}, CUDA {torch.version.cuda or 'none'}); run "
+                             f"on a machine with a GPU or give {flag} cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{flag} {text}: this machine has {count} CUDA device"
+                             f"{'s' if count != 1 else ''}; allowed: cuda:0 … cuda:{count - 1}")
+    return device

@@ -9,8 +9,9 @@ import textwrap
 import pytest
 import torch
 
-from analysis.attention_maps import (AttentionMap, Capture, ModelCall, analyse, load_maps,
-                                     noised_inputs, save_maps, schedule_of)
+from analysis.attention_maps import AttentionMap, load_maps, save_maps
+from analysis.capture import Capture, analyse
+from analysis.model_calls import ModelCall, noised_inputs, schedule_of
 from conftest import condition, small_model
 
 TIMESTEPS = [900, 500, 100]
@@ -257,7 +258,8 @@ PEAK_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
     import ptdit
-    from analysis.attention_maps import ModelCall, analyse
+    from analysis.capture import analyse
+    from analysis.model_calls import ModelCall
 
     def status(field):   # bytes
         for line in open("/proc/self/status"):

@@ -39,7 +39,7 @@ def rows() -> pd.DataFrame:
 
 @pytest.fixture
 def amap() -> AttentionMap:
-    return AttentionMap("global", 2, 1, 0, 900.0, "cond", GRID,
+    return AttentionMap(Key("global", 2, 1, 0, 900.0, "cond"), GRID,
                         random_map().float().numpy())
 
 

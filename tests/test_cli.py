@@ -1,8 +1,12 @@
 """The `ptdit` command: the model table, flops through its store, reproduce's store."""
 
+import argparse
+import collections
 import io
 import json
 from contextlib import redirect_stdout
+
+import pytest
 
 import ptdit
 from ptdit.cli import main
@@ -43,11 +47,84 @@ def test_unwritable_output_is_an_error_not_a_traceback(tmp_path, capsys):
     assert "cannot create the output folder" in capsys.readouterr().err
 
 
-def test_cli_counter_choices_are_bench_flops_counters():
-    from bench.flops import COUNTERS
-    from ptdit import cli
+def subcommands() -> dict:
+    """name -> parser of every `ptdit` subcommand (the entry-point group's included)."""
+    from ptdit.cli import build_parser
 
-    assert cli.COUNTERS == COUNTERS
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(sub.choices)
+
+
+def test_every_package_registers_its_commands():
+    assert list(subcommands()) == ["convert", "models", "flops", "reproduce", "bench", "sweep",
+                                   "report", "sample", "fid", "clip-score", "attention"]
+
+
+def test_no_flag_has_two_meanings():
+    """Across every subcommand a flag name means one thing: one destination and one value
+    grammar (the type that parses it), wherever it appears. Deprecated spellings are left out:
+    they forward to the flag that replaced them."""
+    from ptdit.cli import Deprecated
+
+    meanings = collections.defaultdict(set)
+    for command, parser in subcommands().items():
+        for action in parser._actions:
+            if isinstance(action, Deprecated) or action.help == argparse.SUPPRESS:
+                continue
+            for flag in action.option_strings:
+                if flag.startswith("--") and flag != "--help":
+                    meanings[flag].add((action.dest, getattr(action.type, "__name__", None),
+                                        type(action).__name__))
+    assert len(meanings) > 40
+    assert {flag: m for flag, m in meanings.items() if len(m) > 1} == {}
+    assert meanings["--resolution"] == {("resolution", "resolution", "_StoreAction")}
+    assert meanings["--batch-size"] == {("batch_size", "positive_int", "_StoreAction")}
+    for renamed in ("--batch", "--steps", "--samples"):
+        assert renamed not in meanings
+
+
+@pytest.mark.parametrize("argv, dest, value, new", [
+    (["flops", "--model", "DiT-S/2", "--resolution", "256", "--batch", "2"], "batch_size", 2,
+     "--batch-size"),
+    (["bench", "latency", "--model", "DiT-S/2", "--resolution", "256", "--batch", "1", "2"],
+     "batch_size", [1, 2], "--batch-size"),
+    (["convert", "a.pt", "b.safetensors", "--to", "ptdit", "--format", "facebook-dit"],
+     "source_format", "facebook-dit", "--source-format"),
+    (["sample", "--model", "DiT-S/2", "--resolution", "256", "--out", "o", "--steps", "5"],
+     "sampler_steps", 5, "--sampler-steps"),
+    (["attention", "--model", "DiT-S/2", "--resolution", "256", "--out", "o", "--steps", "0",
+      "3"], "analyse_steps", [0, 3], "--analyse-steps"),
+    (["attention", "--model", "DiT-S/2", "--resolution", "256", "--out", "o", "--window", "2",
+      "4"], "window_sides", [2, 4], "--window-sides"),
+    (["attention", "--model", "DiT-S/2", "--resolution", "256", "--out", "o", "--samples",
+      "2"], "num_samples", 2, "--num-samples")])
+def test_old_spellings_warn_and_work(argv, dest, value, new, capsys):
+    from ptdit.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert getattr(args, dest) == value
+    assert f"is deprecated and goes in the next release; use {new}" in capsys.readouterr().err
+
+
+def test_sample_keeps_the_two_number_resolution_with_a_warning(tmp_path, capsys):
+    """`--resolution H W` (the old sample grammar) still works, as HxW, with a warning; the
+    run then stops at its missing VAE folder."""
+    assert main(["sample", "--model", "DiT-S/2", "--resolution", "256", "512", "--vae",
+                 str(tmp_path / "no-vae"), "--class-labels", "1", "--num-samples", "1",
+                 "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--resolution H W is deprecated" in err and "no-vae" in err
+
+
+def test_bad_arguments_are_one_line_naming_the_command(capsys):
+    assert main(["flops", "--model", "DiT-S/2", "--resolution", "256x"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith("ptdit flops: error: argument --resolution: '256x' is not a "
+                          "resolution; allowed: PX")
+    assert main(["flops", "--mod", "DiT-S/2", "--resolution", "256"]) == 2   # no prefixes
+    assert "the following arguments are required: --model" in capsys.readouterr().err
 
 
 def test_flops_store_appends_each_case_once_and_shows_the_whole_request(tmp_path):

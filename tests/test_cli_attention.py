@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import ptdit
-from analysis.attention_maps import ModelCall, analyse
+from analysis.capture import analyse
+from analysis.model_calls import ModelCall
 from analysis.attention_sources import analyse_trajectory
 from analysis.sampling import denoise, initial_noise, sample_generators
 from bench.rows import check_row
@@ -21,7 +22,7 @@ TINY = ["depth=2", "hidden_size=64", "num_heads=4"]
 def test_the_command_writes_rows_figures_and_says_untrained(tmp_path, capsys):
     out = tmp_path / "att"
     assert main(["attention", "--model", "DiT-S/2", "--override", *TINY, "--resolution", "128",
-                 "--sampler-steps", "6", "--window", "2", "4", "--out", str(out)]) == 0
+                 "--sampler-steps", "6", "--window-sides", "2", "4", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "UNTRAINED" in printed and "position-matched" in printed
     rows = [json.loads(line) for line in (out / "attention.jsonl").read_text().splitlines()]
@@ -74,7 +75,7 @@ def test_text_models_need_prompt_embeddings(tmp_path, capsys):
 
 def test_steps_outside_the_trajectory_are_refused(tmp_path, capsys):
     assert main(["attention", "--model", "DiT-S/2", "--override", *TINY, "--resolution", "128",
-                 "--sampler-steps", "4", "--steps", "4", "--out", str(tmp_path)]) == 2
+                 "--sampler-steps", "4", "--analyse-steps", "4", "--out", str(tmp_path)]) == 2
     assert "outside the sampler's steps 0…3" in capsys.readouterr().err
 
 
@@ -114,7 +115,7 @@ def test_capture_along_a_diffusers_pixart_sampling_loop():
     reducing processor fed by Capture.begin before each of the loop's own forwards."""
     import diffusers
 
-    from analysis.attention_maps import Capture
+    from analysis.capture import Capture
     from analysis.window_similarity import to_rows
 
     model = diffusers.PixArtTransformer2DModel(
@@ -143,7 +144,7 @@ def test_capture_along_a_diffusers_pixart_sampling_loop():
 #################################################################################
 
 ATTENTION = ["attention", "--model", "DiT-S/2", "--override", *TINY, "--resolution", "64",
-             "--sampler-steps", "4", "--window", "2", "4"]
+             "--sampler-steps", "4", "--window-sides", "2", "4"]
 
 
 def stored(out) -> list[dict]:
@@ -171,7 +172,7 @@ def test_a_rerun_into_the_same_folder_is_refused_unless_forced(tmp_path, capsys)
     assert main([*ATTENTION, "--out", str(out)]) == 2
     assert "already holds an attention analysis" in capsys.readouterr().err
     assert len(stored(out)) == rows                                 # nothing appended
-    assert main([*ATTENTION, "--steps", "1", "--out", str(out), "--force"]) == 0
+    assert main([*ATTENTION, "--analyse-steps", "1", "--out", str(out), "--force"]) == 0
     assert {r["step"] for r in stored(out)} == {1}                  # replaced, not appended
     assert len(list(out.glob("window_rows_*.png"))) == 1
 
@@ -186,10 +187,10 @@ def test_the_summary_is_per_analysed_step(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--sampler-steps", "0"], "--sampler-steps must be at least 1, got 0"),
-    (["--samples", "0"], "--samples must be at least 1, got 0"),
-    (["--cfg-scale", "nan"], "--cfg-scale must be a finite number"),
-    (["--edge-margin", "0"], "--edge-margin must be at least 1"),
+    (["--sampler-steps", "0"], "argument --sampler-steps: '0' is not a positive integer"),
+    (["--num-samples", "0"], "argument --num-samples: '0' is not a positive integer"),
+    (["--cfg-scale", "nan"], "argument --cfg-scale: 'nan' is not a finite number"),
+    (["--edge-margin", "0"], "argument --edge-margin: '0' is not a positive integer"),
     (["--vae", "somewhere"], "--vae encodes the real images of --images")])
 def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys):
     out = tmp_path / "never"
@@ -202,16 +203,16 @@ def test_bad_flags_are_one_line_errors(flags, message, tmp_path, capsys):
 def test_non_finite_attention_makes_the_command_fail(tmp_path, monkeypatch, capsys):
     """A model whose weights hold a NaN (head 0's queries first, then every latent): the rows of
     the maps that hold NaN are not ok, the others are, and the command exits 1."""
-    import ptdit.cli as cli
+    from analysis import commands
 
-    build = cli._sample_model
+    build = commands.build_model
 
-    def broken(args):
-        model = build(args)
+    def broken(*args, **kwargs):
+        model = build(*args, **kwargs)
         with torch.no_grad():
             model.blocks[0].attn.qkv.weight[0, 0] = float("nan")
         return model
-    monkeypatch.setattr(cli, "_sample_model", broken)
+    monkeypatch.setattr(commands, "build_model", broken)
     out = tmp_path / "att"
     assert main([*ATTENTION, "--out", str(out)]) == 1
     rows = stored(out)
@@ -242,7 +243,7 @@ def test_noised_real_images_through_a_vae(tmp_path, capsys):
     write_images(tmp_path / "images", 3)
     out = tmp_path / "att"
     assert main([*ATTENTION, "--images", str(tmp_path / "images"), "--vae",
-                 str(tmp_path / "vae"), "--samples", "2", "--out", str(out)]) == 0
+                 str(tmp_path / "vae"), "--num-samples", "2", "--out", str(out)]) == 0
     rows = stored(out)
     assert {r["source"] for r in rows} == {
         f"noised images: 2 image(s) of {tmp_path / 'images'}, encoded by {tmp_path / 'vae'}"}

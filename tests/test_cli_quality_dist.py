@@ -24,7 +24,8 @@ from test_sampling_dist import environment, free_port
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 SAMPLE = ["sample", "--model", "DiT-S/2", "--override", *TINY, "--resolution", "16",
-          "--class-labels", "0-3", "--steps", "2", "--scheduler", "flow", "--batch-size", "1"]
+          "--class-labels", "0-3", "--sampler-steps", "2", "--scheduler", "flow",
+          "--batch-size", "1"]
 
 
 def torchrun(*args: str, cwd=ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -132,8 +133,8 @@ def test_torchrun_metrics_write_one_row_of_the_one_process_value(tmp_path, weigh
 def test_ctrl_c_keeps_the_pngs_says_how_to_resume_and_stores_no_error(
         tmp_path, weights):  # noqa: F811
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "ptdit.cli", *SAMPLE[:-6], "--steps", "20", "--scheduler",
-               "flow", "--batch-size", "1", "--vae", str(weights / "vae"), "--num-samples",
+    command = [sys.executable, "-m", "ptdit.cli", *SAMPLE[:-6], "--sampler-steps", "20",
+               "--scheduler", "flow", "--batch-size", "1", "--vae", str(weights / "vae"), "--num-samples",
                "1000", "--out", str(out)]
     # SIGINT as a terminal delivers it, even when this test runs in the background of a
     # non-interactive shell (which starts its children with SIGINT ignored)

@@ -287,7 +287,7 @@ def test_cli_flops_dtype(capsys):
 
 def test_cli_flops_json(capsys):
     assert main(["flops", "--model", "PT-DiT/S-Class", "DiT-S/8", "--resolution", "256", "512",
-                 "--frames", "4", "--batch", "2", "--counter", "all", "--format", "json"]) == 0
+                 "--frames", "4", "--batch-size", "2", "--counter", "all", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 2 * 2 * 3
     assert {r["counter"] for r in rows} == {"analytic", "torch", "fvcore"}
@@ -301,7 +301,7 @@ def test_cli_flops_json(capsys):
     (["--model", "PT-DiT/XXL", "--resolution", "256"], "nearest: PT-DiT/XL"),
     (["--model", "PT-DiT/XL", "--resolution", "320"], "(256 or 384 px)"),
     (["--model", "DiT-XL/2", "--resolution", "256", "--frames", "0"], "positive integer"),
-    (["--model", "DiT-XL/2", "--resolution", "256", "--batch", "-1"], "positive integer"),
+    (["--model", "DiT-XL/2", "--resolution", "256", "--batch-size", "-1"], "positive integer"),
 ])
 def test_cli_flops_bad_input_exits_2_before_counting(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(flops, "count", lambda *a, **k: pytest.fail("counted bad input"))

@@ -1,4 +1,4 @@
-"""bench.reproduce, bench.report.markdown, bench.plots and bench/published.csv: the papers'
+"""bench.reproduce, bench.markdown.markdown, bench.plots and bench/published.csv: the papers'
 figures against our counts, and the plots drawn from the curves' rows."""
 
 import re
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import ptdit
-from bench import plots, report, reproduce
+from bench import markdown, plots, reproduce
 from bench.rows import check_row
 from bench.store import Store
 from ptdit import complexity as cx
@@ -110,7 +110,7 @@ def test_notes_state_the_block_coefficient_of_the_closed_form():
     assert len(has) > 0
     for i, value in has.items():
         assert value == f"{block_linear_d2(df.ptdit_model[i]):.2f}"
-    text = report.markdown(df, PUBLISHED, reproduce.block_coefficients())
+    text = markdown.markdown(df, PUBLISHED, reproduce.block_coefficients())
     said = re.search(r"PT-DiT/XL has (\d+)·D² linear MACs against PixArt-XL/2's (\d+)·D² and "
                      r"DiT-XL/2's (\d+)·D²", text)
     assert said and [int(k) for k in said.groups()] == [
@@ -137,7 +137,7 @@ def test_matched_width_says_what_its_sign_means():
     assert (rows.ours - 100 * (1 - rows.ptdit_gmacs / rows.base_gmacs)).abs().max() < 1e-9
     low = rows[(rows.resolution == 256) & (rows.convention == "linear-macs")]
     assert (low.ours < 0).all() and low.note.str.contains("(costlier)", regex=False).all()
-    text = report.markdown(reproduce.compare(PUBLISHED), PUBLISHED,
+    text = markdown.markdown(reproduce.compare(PUBLISHED), PUBLISHED,
                            reproduce.block_coefficients())
     table = text[text.index("## Matched width"):]
     assert "reduction_pct" in table and "negative = it costs more" in table

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from bench import plots
 from bench import runtime_report as rr
 from bench.rows import SCHEMA_VERSION, check_row
 from bench.store import Store
@@ -178,19 +179,19 @@ def report_rows() -> pd.DataFrame:
 
 def test_latency_and_tflops_plots_draw_the_rows(tmp_path):
     rows = rr.latest(rr.measured(report_rows(), "latency"))
-    fig = rr.plot_latency(rows, tmp_path / "l.png")
+    fig = plots.plot_latency(rows, tmp_path / "l.png")
     assert len(fig.axes) == 1 and (tmp_path / "l.png").exists()
     assert drawn(fig.axes[0]) == {
         "PixArt-XL/2": ([512, 1024, 2048], [15.36, 30.72, 61.44]),
         "PT-DiT/XL": ([512, 1024, 2048], [10.24, 20.48, 40.96])}
     assert fig.axes[0].get_xscale() == fig.axes[0].get_yscale() == "log"
-    fig = rr.plot_tflops(rows, tmp_path / "t.png")
+    fig = plots.plot_tflops(rows, tmp_path / "t.png")
     assert drawn(fig.axes[0]) == {"PixArt-XL/2": ([512, 1024, 2048], [1.536, 3.072, 6.144]),
                                   "PT-DiT/XL": ([512, 1024, 2048], [1.024, 2.048, 4.096])}
 
 
 def test_memory_plot_takes_train_mode_where_present(tmp_path):
-    fig = rr.plot_memory(rr.latest(rr.measured(report_rows(), "memory")), tmp_path / "m.png")
+    fig = plots.plot_memory(rr.latest(rr.measured(report_rows(), "memory")), tmp_path / "m.png")
     gpu, cpu = fig.axes
     assert gpu.get_title().endswith("NVIDIA H200 · bf16 · train")
     assert drawn(gpu) == {"PixArt-XL/2": ([1, 4, 8], [3000.0, 12000.0, 24000.0]),
@@ -201,7 +202,7 @@ def test_memory_plot_takes_train_mode_where_present(tmp_path):
 
 def test_speedup_plot_draws_measured_against_predicted(tmp_path):
     s = rr.speedups(report_rows())
-    fig = rr.plot_speedups(s, tmp_path / "s.png")
+    fig = plots.plot_speedups(s, tmp_path / "s.png")
     lines = drawn(fig.axes[0])
     forward = lines.pop("PT-DiT/XL vs PixArt-XL/2 (NVIDIA H200 · bf16 · forward)")
     cfg = lines.pop("PT-DiT/XL vs PixArt-XL/2 (NVIDIA H200 · bf16 · cfg)")
@@ -225,7 +226,7 @@ def test_plots_without_rows_are_skipped_and_said(tmp_path):
     md = paths["runtime.md"].read_text()
     assert "- `memory_vs_frames.png`: skipped, no rows for it" in md
     assert "- `speedup_measured_vs_predicted.png`: skipped, no rows for it" in md
-    assert rr.plot_memory(rr.measured(rows, "memory"), tmp_path / "m.png") is None
+    assert plots.plot_memory(rr.measured(rows, "memory"), tmp_path / "m.png") is None
     assert not (tmp_path / "m.png").exists()
 
 

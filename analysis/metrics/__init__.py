@@ -3,30 +3,13 @@
 row (DESIGN.md "Results rows") that records every setting that moves its number; the helpers
 here build the part of the row they share."""
 
-import functools
-import hashlib
 import os
 from pathlib import Path
 
 from bench.rows import check_row, device_label, provenance
 
+from ..hashing import file_sha256  # noqa: F401  (the metrics record their weights by it)
 from ..images import Source, image_size, shard
-
-
-@functools.cache
-def _sha256(path: Path, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The file's SHA-256 (hex), computed once per process per (path, size, mtime)."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    return _sha256(path, stat.st_size, stat.st_mtime_ns)
 
 
 def source_name(source: Source) -> str:

@@ -40,7 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed import check_device, process_group
+from ptdit.checks import check_device
+
+from ..distributed import process_group
 from ..images import Source, image_names, read_images, shard
 from ..offline import CLIP
 from . import file_sha256, result_row, source_name

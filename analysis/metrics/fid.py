@@ -37,7 +37,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..distributed import check_device, process_group
+from ptdit.checks import check_device
+
+from ..distributed import process_group
 from ..images import Source, count_images, image_names, quantisation, read_images, shard
 from ..offline import INCEPTION
 from . import file_sha256, result_row, source_name
