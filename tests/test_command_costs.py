@@ -59,7 +59,9 @@ def test_commands_files_are_checked(tmp_path):
         command_costs.load(tmp_path / "none.toml")
 
 
-def test_rows_go_to_the_store_and_the_report_shows_the_latest(tmp_path, capsys):
+def test_rows_go_to_the_store_and_the_report_shows_the_latest(tmp_path, capsys, monkeypatch):
+    """(The child is a bare interpreter: a real command's measurement is the first test's.)"""
+    monkeypatch.setattr(command_costs, "_child", lambda argv: [sys.executable, "-c", "pass"])
     spec = write(tmp_path, '[[command]]\nname = "models"\nargv = ["models", "--format", '
                  '"csv"]\nrepeats = 2\n')
     store, report = tmp_path / "out" / "costs.jsonl", tmp_path / "out" / "costs.md"

@@ -111,7 +111,8 @@ def test_ptdit_attention_is_eq4(resolution):
 
 
 def test_block_linear_coefficients():
-    """Per block and token: PixArt 14·D² (+2·D² per text token), PT-DiT 22·D² (paper.md §3.5)."""
+    """Per block and token: PixArt 14·D² (+2·D² per text token), PT-DiT 22·D²
+    (docs/paper.md §5)."""
     for name, per_token in (("PixArt-XL/2", 14), ("PT-DiT/XL", 22)):
         c = ptdit.get_config(name)
         a, b = cx.macs(workload(name, 512)), cx.macs(workload(name, 1024))

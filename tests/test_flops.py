@@ -56,11 +56,12 @@ def test_fvcore_counter_equals_closed_form(name, resolution, frames):
     assert flops.count_fvcore(*meta_model(work)) == analytic(work)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("resolution, frames", [(512, None), (2048, None), (512, 16)])
 def test_fvcore_counter_equals_closed_form_more_shapes(name, resolution, frames):
-    work = workload(name, resolution, frames)
+    """Two blocks (every block is the same; full depth: the test above): fvcore's trace costs
+    a second or two per full-depth model."""
+    work = workload(name, resolution, frames, depth=2)
     assert flops.count_fvcore(*meta_model(work)) == analytic(work)
 
 
@@ -168,7 +169,8 @@ def test_torch_counter_on_cpu_tensors(name, resolution, overrides, masked):
     `_scaled_dot_product_flash_attention_for_cpu`, masked ones included: global, proxy and
     proxy-cross, window attention as 4-D (B·nW, H, N, d) problems, shifted-window attention as
     one (nW, H, N, d) problem per sample sharing the (nW, 1, N, N) shift mask, and text
-    cross-attention with a caption mask. So plain FlopCounterMode sees the linear layers only, and no call falls back to the math path."""
+    cross-attention with a caption mask. So plain FlopCounterMode sees the linear layers only,
+    and no call falls back to the math path."""
     work = workload(name, resolution, batch=2, text_tokens=7, **overrides)
     model = ptdit.build(name, device="cpu", **overrides)
     inputs = example_inputs(model, work)
@@ -216,7 +218,7 @@ def _dotted(node) -> str:
 
 
 def test_private_imports_stay_in_one_place():
-    """STYLE.md: private torch modules only in bench/flops.py, imported by name with a comment
+    """Private torch modules only in bench/flops.py, imported by name with a comment
     saying why (not reached by attribute), and nothing private from ptdit anywhere in bench/.
     Private aten operators (torch.ops.aten._…) are op names, allowed in bench/flops.py only."""
     def private(dotted):
@@ -287,7 +289,8 @@ def test_cli_flops_dtype(capsys):
 
 def test_cli_flops_json(capsys):
     assert main(["flops", "--model", "PT-DiT/S-Class", "DiT-S/8", "--resolution", "256", "512",
-                 "--frames", "4", "--batch-size", "2", "--counter", "all", "--format", "json"]) == 0
+                 "--frames", "4", "--batch-size", "2", "--counter", "all",
+                 "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 2 * 2 * 3
     assert {r["counter"] for r in rows} == {"analytic", "torch", "fvcore"}

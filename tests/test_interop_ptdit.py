@@ -1,6 +1,6 @@
 """The official PT-DiT release <-> ptdit: key layout, config mapping, and the forward pass.
 
-The reference below is written from shared/reference/official_ptdit.md alone: plain float64
+The reference below is written from docs/ptdit_release.md ("spec") alone: plain float64
 functions over a state dict in the RELEASE's key layout, with its raster -> window-major layout,
 its roll, its -1·10000 shifted-window mask, its (B·nW)-row modulation tiling including the
 batch-mixing quirk (§9.1, `quirk=True`), and its transposed non-square positions (§9.4,
@@ -18,15 +18,25 @@ import torch
 import torch.nn.functional as F
 
 import ptdit
-from ptdit.attention import (proxy_tokens, shift_amounts, shift_window_bias, shift_windows,
-                             window_order, window_partition, window_reverse)
+from ptdit.attention import (
+    proxy_tokens,
+    shift_window_bias,
+    shift_windows,
+    window_order,
+    window_partition,
+    window_reverse,
+)
 from ptdit.interop import OFFICIAL_PTDIT, from_official_ptdit, to_official_ptdit
-from ptdit.interop.official_ptdit import (POS_BUFFER, infer_predictor, ptdit_config,
-                                          to_ptdit_state_dict)
+from ptdit.interop.official_ptdit import (
+    POS_BUFFER,
+    infer_predictor,
+    ptdit_config,
+    to_ptdit_state_dict,
+)
 from ptdit.interop.ptdit_format import registry_name
 from ptdit.layers import unpatchify
 
-# A copy of shared/reference/official_ptdit_1b_keys.json: every key and shape of the 1B release.
+# Every key and shape of the released 1B checkpoint (docs/ptdit_release.md §1).
 RELEASE_KEYS = json.loads(
     (Path(__file__).parent / "data" / "official_ptdit_1b_keys.json").read_text())
 

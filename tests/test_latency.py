@@ -1,4 +1,5 @@
-"""bench.latency: rows with every DESIGN.md field and the measurement columns, the three modes,
+"""bench.latency: rows with every results-row field (docs/results.md) and the measurement
+columns, the three modes,
 compilation kept out of the timings, and the CUDA code paths run on a CPU through fakes of the
 isolated CUDA calls (which fail loudly, not silently, without a GPU)."""
 

@@ -12,11 +12,11 @@ from ptdit.attention import attention_backend, observe
 
 from conftest import SMALL, Ops, condition, forward_inputs, randomize, small_model
 
-# A copy of shared/reference/official_ptdit_1b_keys.json: every key and shape of the 1B release.
+# Every key and shape of the released 1B checkpoint (docs/ptdit_release.md §1).
 RELEASE_KEYS = pathlib.Path(__file__).parent / "data" / "official_ptdit_1b_keys.json"
 
 # Parameters (M) of the official facebookresearch/DiT models, measured with its models.py
-# (baselines_and_tools.md §A.1; the frozen pos_embed counted, as the official code does).
+# (docs/baselines.md §1.2; the frozen pos_embed counted, as the official code does).
 DIT_PARAMS_M = {
     "DiT-S/8": 33.15, "DiT-S/4": 32.95, "DiT-S/2": 32.96, "DiT-B/8": 130.88, "DiT-B/4": 130.48,
     "DiT-B/2": 130.51, "DiT-L/8": 458.59, "DiT-L/4": 458.05, "DiT-L/2": 458.10,
@@ -42,7 +42,7 @@ def test_dit_frozen_position_table_is_a_parameter_as_in_the_official_code():
 
 
 def test_pixart_parameters():
-    # measured on the official-structure PixArtTransformer2DModel (baselines_and_tools.md §A.2)
+    # measured on the official-structure PixArtTransformer2DModel (docs/baselines.md §2.4)
     assert abs(n_params(ptdit.build("PixArt-XL/2", device="meta")) / 1e6 / 610.9 - 1) < 1e-4
 
 
@@ -180,9 +180,12 @@ def meta_inputs(model, shape):
     return x, t, torch.empty(shape[0], 120, cfg.caption_channels, device="meta")
 
 
+# Shapes on meta: one block, as every block of a model is the same; the shape logic (patching,
+# position tables, window schedule, unpatchify) sits around the blocks.
+
 @pytest.mark.parametrize("name", ptdit.list_models())
 def test_every_model_runs_on_meta_at_256_to_2048_px(name):
-    model = ptdit.build(name, device="meta")
+    model = ptdit.build(name, device="meta", depth=1)
     for px in (256, 512, 1024, 2048):
         out = model(*meta_inputs(model, (1, 4, px // 8, px // 8)))
         assert out.shape == (1, 8, px // 8, px // 8)
@@ -191,7 +194,7 @@ def test_every_model_runs_on_meta_at_256_to_2048_px(name):
 @pytest.mark.parametrize("name", ["DiT-XL/2", "PixArt-XL/2", "PT-DiT/XL", "PT-DiT/H"])
 @pytest.mark.parametrize("frames,px", [(4, 256), (16, 512), (48, 256), (48, 1024)])
 def test_video_shapes_on_meta(name, frames, px):
-    model = ptdit.build(name, device="meta")
+    model = ptdit.build(name, device="meta", depth=1)
     out = model(*meta_inputs(model, (1, 4, frames, px // 8, px // 8)))
     assert out.shape == (1, 8, frames, px // 8, px // 8)
 
@@ -234,7 +237,7 @@ def test_explicit_window_overrides_the_schedule():
         model = small_model("PT-DiT", window=window)
         calls = []
         with torch.no_grad(), attention_backend(model, "math"), \
-                observe(model, lambda call, probs: calls.append((call, probs.shape)),
+                observe(model, lambda call, probs, calls=calls: calls.append((call, probs.shape)),
                         kinds=["window", "shift_window"]):
             model(x, t, *cond)
         assert {call.grid for call, _ in calls} == {(1, 8, 8)}
@@ -483,8 +486,7 @@ def test_a_seed_builds_the_same_weights_and_leaves_the_global_generator_alone():
     assert torch.equal(torch.random.get_rng_state(), before)
     b = ptdit.build("DiT-S/2", depth=1, hidden_size=64, num_heads=4, seed=3)
     c = ptdit.build("DiT-S/2", depth=1, hidden_size=64, num_heads=4, seed=4)
-    for (name, x), y, z in zip(a.state_dict().items(), b.state_dict().values(),
-                               c.state_dict().values()):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
     assert any(not torch.equal(x, z) for x, z in zip(a.parameters(), c.parameters()))
     with pytest.raises(ValueError, match="seed must be an int"):

@@ -16,12 +16,27 @@ from analysis.offline import go_offline
 go_offline()
 from diffusers import AutoencoderKL  # noqa: E402  (after go_offline)
 
-from analysis import sample_writer  # noqa: E402
-from analysis.conditions import (ClassLabels, check_conditions, class_conditions,  # noqa: E402
-                                 encode_prompts, make_prompts, prompt_embeddings)
-from analysis.sampling import (decode, guide, initial_noise, load_vae, sample,  # noqa: E402
-                               sample_generators, sample_seed)
+from analysis import sample_writer, sampling  # noqa: E402
+from analysis.conditions import (  # noqa: E402
+    ClassLabels,
+    check_conditions,
+    class_conditions,
+    encode_prompts,
+    make_prompts,
+    prompt_embeddings,
+)
+from analysis.sampling import (  # noqa: E402
+    decode,
+    guide,
+    initial_noise,
+    load_vae,
+    make_scheduler,
+    sample,
+    sample_generators,
+    sample_seed,
+)
 from bench.rows import check_row  # noqa: E402
+
 from conftest import small_model  # noqa: E402
 
 RESOLUTION = 16   # pixels; the tiny VAE halves once: 8x8 latents, 4x4 tokens (2x2 windows)
@@ -141,22 +156,32 @@ def test_loop_writes_pngs_npz_and_row(family, scheduler, steps, vae, vae_folder,
     assert json.loads((tmp_path / "samples.jsonl").read_text()) == row
 
 
-@pytest.mark.slow
-def test_family_defaults(vae, tmp_path):
-    """DiT samples as sample_ddp.py (ddpm, 250 steps, cfg 1.5, 3 channels); PT-DiT as
-    released (flow, 30 steps, cfg 4.0, all channels); steps are overridable."""
-    steps = []
+def test_family_defaults(vae, tmp_path, monkeypatch):
+    """DiT samples as sample_ddp.py (ddpm, 250 IDDPM-spaced steps, cfg 1.5, 3 channels); PT-DiT
+    as released (flow, cfg 4.0, all channels); steps are overridable. The loop gets what the
+    row records (the loop itself: the closed-form tests below)."""
+    loops = []
+
+    def loop(model, scheduler, steps, noise, condition, *, cfg_scale, guidance_channels, **_):
+        loops.append((scheduler, steps, cfg_scale, guidance_channels))
+        return noise
+
+    monkeypatch.setattr(sampling, "denoise", loop)
     row = sample(small_model("DiT", dtype=torch.float32), vae=vae, conditions="0-9", num=1,
-                 out=tmp_path / "dit", resolution=RESOLUTION, progress=False,
-                 on_step=lambda k, t, x, kw: steps.append(int(t)))
+                 out=tmp_path / "dit", resolution=RESOLUTION, progress=False)
     assert (row["scheduler"], row["steps"], row["cfg_scale"], row["guidance_channels"]) == \
         ("ddpm", 250, 1.5, "3")
-    assert steps[:3] == [999, 995, 991] and steps[-1] == 0 and len(steps) == 250
+    assert loops == [("ddpm", 250, 1.5, "3")]
+    ddpm = make_scheduler("ddpm")
+    ddpm.set_timesteps(250)
+    assert ddpm.timesteps.tolist() == iddpm_timesteps(250)
+    assert ddpm.timesteps.tolist()[:3] == [999, 995, 991] and ddpm.timesteps[-1] == 0
     model = small_model("PT-DiT", dtype=torch.float32)
     row = sample(model, vae=vae, conditions=conditions_for(model), num=1, steps=2,
                  out=tmp_path / "ptdit", resolution=RESOLUTION, progress=False)
     assert (row["scheduler"], row["steps"], row["cfg_scale"], row["guidance_channels"],
             row["flow_shift"]) == ("flow", 2, 4.0, "all", 1.0)
+    assert loops[1:] == [("flow", 2, 4.0, "all")]
 
 
 def test_video_frames_decoded_one_by_one(vae, tmp_path):
@@ -522,7 +547,8 @@ def test_condition_and_model_mismatches(vae, tmp_path):
 def test_shape_and_option_errors(vae, tmp_path):
     model = small_model("PT-DiT")
     conditions = conditions_for(model)
-    with pytest.raises(ValueError, match="VAE factor 2 × patch 2 × windows per side 2.*8 px.*16 or 24"):
+    with pytest.raises(ValueError,
+                       match="VAE factor 2 × patch 2 × windows per side 2.*8 px.*16 or 24"):
         run(model, vae, tmp_path, resolution=20, conditions=conditions)
     with pytest.raises(ValueError, match="3-channel latents; the model takes 4"):
         run(model, tiny_vae(latent_channels=3), tmp_path, conditions=conditions)
