@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean bench bench-compare baseline notebooks strip-notebooks
+.PHONY: demo test lint install clean bench bench-compare baseline notebooks strip-notebooks
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ test: $(STAMP)
 	PTDIT_NOTEBOOK_SIZE=small HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests \
 		bench/regression/test_exact.py --nbmake $(NBMAKE) notebooks/*.ipynb $(PYTEST_ARGS)
 	@if [ "$$CI" = true ]; then $(MAKE) --no-print-directory bench-compare PYTEST_ARGS=; fi
+
+# Lint: ruff (pinned in constraints.txt; rules in pyproject.toml); .ci/run runs it beside the
+# tests. `make lint RUFF_ARGS=--fix` applies the safe fixes.
+lint: $(STAMP)
+	$(BIN)/ruff check . $(RUFF_ARGS)
 
 # Notebooks (notebooks/README.md): executed by nbmake in this venv's kernel, outputs never
 # written back; `make test` runs them at PTDIT_NOTEBOOK_SIZE=small, `make notebooks` at

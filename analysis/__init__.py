@@ -1,1 +1,2 @@
-"""Attention-map analysis and quality metrics (DESIGN.md); empty until those issues land."""
+"""What the models do: sampling, quality metrics (FID, CLIP score), attention capture and the
+window-similarity analysis, and their commands (analysis/cli.py)."""

@@ -23,7 +23,6 @@ return (rows, kept maps) with the same columns, so the two can be set side by si
 """
 
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -32,9 +31,9 @@ from ptdit.models.inputs import VAE_SPATIAL
 
 from . import recipes, sampling
 from .capture import Capture, analyse, describe
-from .model_calls import ModelCall, noised_inputs, schedule_of
-from .conditions import check_conditions, class_conditions, condition_inputs
+from .conditions import check_conditions, class_conditions
 from .images import count_images, read_images
+from .model_calls import ModelCall, noised_inputs, schedule_of
 from .window_similarity import to_rows
 
 

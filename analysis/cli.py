@@ -10,8 +10,8 @@ from ptdit.cli import add, deprecated, positive_int, resolution
 
 def register(sub) -> None:
     """The entry point of the `ptdit.commands` group."""
-    for add in (add_sample, add_fid, add_clip_score, add_attention):
-        add(sub)
+    for add_command in (add_sample, add_fid, add_clip_score, add_attention):
+        add_command(sub)
 
 
 def _print_row(row: dict, store=None) -> None:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .offline import T5, go_offline
 
-PTDIT_TEXT_TOKENS = 200   # T5 tokens of the released PT-DiT (official_ptdit.md, section 1)
+PTDIT_TEXT_TOKENS = 200   # T5 tokens of the released PT-DiT (docs/ptdit_release.md §1)
 EMBEDDING_KEYS = ("embeddings", "mask", "null_embedding", "null_mask")
 
 

@@ -22,7 +22,6 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
-
 _started = 0   # groups this process has started: every rank counts the same, a fresh prefix
 
 

@@ -74,7 +74,6 @@ def noised_inputs(latents: Tensor, timesteps: Iterable[float], cond: dict,
         raise ValueError(f"noise {tuple(noise.shape)} must have the latents' shape "
                          f"{tuple(latents.shape)}")
     noise = noise.to(latents.device, latents.dtype)
-    B = latents.shape[0]
     t_dtype = torch.float64 if latents.dtype == torch.float64 else torch.float32
     kwargs = dict(cond) if uncond is None else {k: _stack(cond[k], uncond[k]) for k in cond}
     calls = []

@@ -18,10 +18,10 @@ Samplers (`scheduler=`; the default follows the model family, as each release sa
           linspace spacing, as PixArt-XL-2's diffusers scheduler config; it gets eps only
           (the first half of the channels), as PixArtAlphaPipeline feeds it.
 - "flow"  PT-DiT: rectified-flow Euler, 30 steps, FlowMatchEulerDiscreteScheduler with
-          shift 1.0 (official_ptdit.md names no shift), sigma 1 -> 0; the model gets
+          shift 1.0 (docs/ptdit_release.md §1: none named), sigma 1 -> 0; the model gets
           t = 1000·sigma and its first half of channels is the velocity, x_next = x +
           (sigma_next - sigma)·v, i.e. diffusers' convention v = noise - x0 (assumed: the
-          reference states no sign; a model trained on x0 - noise would need -v).
+          release states no sign; a model trained on x0 - noise would need -v).
 The same timestep goes to every row of a forward (PT-DiT's release mixes samples' timesteps
 otherwise). All three schedulers start from N(0, I) and scale no model input.
 
@@ -62,7 +62,6 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -75,13 +74,28 @@ from ptdit.attention import attention_modules
 from ptdit.checks import check_device, dtype_name, either, model_dtype, nearest_multiples
 
 from . import sample_writer
-from .conditions import (ClassLabels, Prompts, check_conditions, class_conditions,
-                         condition_inputs, describe_runs, encode_prompts, prompt_embeddings)
+from .conditions import (
+    ClassLabels,
+    Prompts,
+    check_conditions,
+    class_conditions,
+    condition_inputs,
+    describe_runs,
+    encode_prompts,
+    prompt_embeddings,
+)
 from .distributed import barrier, broadcast, process_group
 from .hashing import file_sha256, tensors_sha256
 from .offline import VAE, go_offline
-from .recipes import (FAMILY_RECIPES, FLOW_SHIFT, GUIDANCE_CHANNELS, SCHEDULER_STEPS,  # noqa: F401
-                      SCHEDULERS, TRAIN_TIMESTEPS, resolve)
+from .recipes import (  # noqa: F401
+    FAMILY_RECIPES,
+    FLOW_SHIFT,
+    GUIDANCE_CHANNELS,
+    SCHEDULER_STEPS,
+    SCHEDULERS,
+    TRAIN_TIMESTEPS,
+    resolve,
+)
 
 __all__ = ["ClassLabels", "Prompts", "class_conditions", "decode", "denoise", "encode_prompts",
            "guide", "load_vae", "make_scheduler", "prompt_embeddings", "sample", "sample_seed"]
@@ -96,8 +110,11 @@ OnStep = Callable[[int, Tensor, Tensor, dict], None]
 def make_scheduler(name: str, learned_sigma: bool = True):
     """A fresh diffusers scheduler for `name` (see the module docstring)."""
     go_offline()
-    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, \
-        FlowMatchEulerDiscreteScheduler
+    from diffusers import (
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        FlowMatchEulerDiscreteScheduler,
+    )
     betas = dict(num_train_timesteps=TRAIN_TIMESTEPS, beta_start=1e-4, beta_end=0.02,
                  beta_schedule="linear")
     if name == "ddpm":   # DiT's create_diffusion: learned range, else IDDPM's fixed large

@@ -18,8 +18,9 @@ from .sweep import EXIT_RULE, KEYS, MEASUREMENTS
 
 def register(sub) -> None:
     """The entry point of the `ptdit.commands` group."""
-    for add in (add_models, add_flops, add_reproduce, add_bench, add_sweep, add_report):
-        add(sub)
+    for add_command in (add_models, add_flops, add_reproduce, add_bench, add_sweep,
+                        add_report):
+        add_command(sub)
 
 
 def _interrupted(command: str, store) -> int:

@@ -11,7 +11,7 @@ Both counters run on `meta` tensors: no memory, no compute, any size. Per-catego
 from each counter's per-module totals: a module's own MACs are its total minus its children's,
 and each module maps to a category by where it sits (`category_of`).
 
-Counter traps handled here (shared/reference/environment.md §2, baselines_and_tools.md §B):
+Counter traps handled here (docs/baselines.md §4):
 - FlopCounterMode counts SDPA as 0 on real CPU tensors (`_scaled_dot_product_flash_attention_
   for_cpu` is not in its registry): `custom_mapping` adds it. On meta, SDPA runs its math path
   (bmm) and is counted without help.
@@ -24,19 +24,19 @@ The counted model is built on `meta` in the row's dtype, with the forward inputs
 (PixArtMS's image size and aspect ratio included), so any config override counts as built.
 """
 
-import functools
 import warnings
 from collections.abc import Collection, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
 # Private, and the only private torch import of ptdit/bench: torch has no public hook that sees
 # every aten op with its output (TorchFunctionMode sees Python-level calls, before SDPA and
 # F.linear decompose into the mm/bmm whose outputs are the activations counted here), and
 # FlopCounterMode itself is built on this class. If it moves, only _MacOutputs needs changing.
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import ptdit
 from ptdit import Workload, complexity, example_inputs
@@ -250,7 +250,7 @@ def count(work: Workload, counter: str, backend: str = "sdpa",
         row.update(params=params, params_trainable=trainable,
                    **complexity.cost_columns(per_category), activation_mib=act,
                    attn_scores_mib=None, status="ok")
-    except Exception as err:   # failure is data: the row says what went wrong (STYLE.md §4)
+    except Exception as err:   # failure is data: the row says what went wrong
         row["status"] = f"error: {type(err).__name__}: {err}"
     return {**env, **row}
 

@@ -322,7 +322,7 @@ def measure(case: Case, repeats: int = 10, warmup: int = 2) -> dict:
         row.update(_timed(case, repeats, warmup))
         row["achieved_tflops"] = row["step_gflops"] / row["latency_ms_median"]
         row["status"] = "ok"
-    except Exception as err:   # failure is data: the row says what went wrong (STYLE.md §4)
+    except Exception as err:   # failure is data: the row says what went wrong
         row["status"] = status_of(err)
     finally:
         release(case.device)   # the model died with _timed's frame (or with `err`)

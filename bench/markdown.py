@@ -60,8 +60,8 @@ def markdown(df: pd.DataFrame, published: pd.DataFrame, block_coefs: dict[str, f
            "linear/conv layers only (the PT-DiT paper's figures, inferred); `macs` = linear + "
            "attention products QKᵀ and AV (the DiT paper's Gflops); FLOPs = 2 × MACs. Norms and "
            "elementwise ops count 0. `rel_diff` = ours / paper − 1. Both papers' printed "
-           "\"Gflops\"/\"GFLOPs\" are MACs (DiT: its issue #14; PT-DiT: inferred, paper.md "
-           "§3.5), so their values sit in `paper_gmacs` columns.", ""]
+           "\"Gflops\"/\"GFLOPs\" are MACs (DiT: its issue #14; PT-DiT: inferred, "
+           "docs/paper.md §5), so their values sit in `paper_gmacs` columns.", ""]
 
     dit = df[df.source == "DiT"]
     out += ["## DiT paper, Table 4 (its \"Gflops\" are MACs; 256 px unless stated)", "",

@@ -210,7 +210,7 @@ def measure(case: Case, factory=prepare) -> dict:
     try:
         row.update(measure_cuda(case, factory) if cuda else measure_cpu(case, factory))
         row.setdefault("status", "ok")
-    except Exception as err:   # failure is data: the row says what went wrong (STYLE.md §4)
+    except Exception as err:   # failure is data: the row says what went wrong
         row["status"] = status_of(err)
     finally:
         release(case.device)

@@ -30,7 +30,6 @@ import re
 import time
 from collections import defaultdict
 
-import torch
 from torch.profiler import ProfilerActivity
 from torch.profiler import profile as torch_profile
 
@@ -88,7 +87,7 @@ def profile(case: Case, steps: int = 3, warmup: int = 1, top: int = 12) -> list[
     base = {**head(case, "profile"), "steps": steps}
     try:
         ops, step_ms = _profiled(case, steps, warmup)
-    except Exception as err:   # failure is data (STYLE.md §4)
+    except Exception as err:   # failure is data: the row says what went wrong
         return [{**base, "status": status_of(err)}]
     finally:
         release(case.device)

@@ -5,7 +5,7 @@ figure or table and the paper version) and writes, to an output folder:
 - complexity.csv: one row per (published value, convention of ours), with rel_diff = ours/paper − 1
   and a note saying why the two differ where they do; `unit` is the unit of both `paper_value`
   and `ours` as compared (GMACs, or % for ratios and reductions), `printed_unit` the paper's label
-  (the DiT paper's "Gflops" and the PT-DiT paper's "GFLOPs" are MACs, paper.md §3.5);
+  (the DiT paper's "Gflops" and the PT-DiT paper's "GFLOPs" are MACs, docs/paper.md §5);
 - complexity.md: the same as Markdown tables (bench.markdown.markdown), plus the headline claims,
   the Eq. 4 ratios and the matched-width comparisons (ours only);
 - gflops_vs_resolution, attention_share, video_vs_frames: each plot's curves as a CSV (`curves`,
@@ -15,7 +15,7 @@ Our numbers are ptdit.complexity's closed form (batch 1, one forward pass, no CF
 for text models); tests/test_flops.py checks it equals FlopCounterMode and fvcore exactly.
 """
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,7 @@ def printed_tolerance(printed: str, value: float) -> float:
     return max(MATCH_REL, 0.5 * 10**-decimals / value)
 
 
-@lru_cache(maxsize=None)
+@cache
 def cost(model: str, resolution: int, frames: int | None = None, **overrides) -> dict:
     """Closed-form row, batch 1, 120 text tokens; frames=None is an image."""
     return complexity.costs(model, resolution, frames, **overrides)
@@ -179,10 +179,10 @@ def _figure_note(p, convention, c, rel, agrees, coefficients) -> str:
             return (f"{ambiguous}the paper's {p.ptdit_model} values imply "
                     f"{k.paper_coef_d2:.2f}·D² linear MACs per token per block (slope over its "
                     f"{k.points} points); the released block, and ours, has "
-                    f"{k.ours_coef_d2:.2f}·D² (paper.md §3.5)")
+                    f"{k.ours_coef_d2:.2f}·D² (docs/paper.md §5)")
         return (f"{ambiguous}a single point: the paper's PT-DiT figures imply fewer per-token "
                 f"linear MACs than the released block's "
-                f"{block_coefficient(p.ptdit_model):.0f}·D² (paper.md §3.5)")
+                f"{block_coefficient(p.ptdit_model):.0f}·D² (docs/paper.md §5)")
     if convention == "macs" and p.ptdit_model.startswith("DiT"):
         return (f"{ambiguous}closer to our full count than to linear-only "
                 f"({c['linear_gmacs']:.1f}); the remaining {100 * rel:+.1f}% is unexplained")
@@ -307,7 +307,7 @@ def plot_curves(curves: pd.DataFrame, plot: str) -> pd.DataFrame:
 
 def cost_rows(df: pd.DataFrame, points: pd.DataFrame) -> list[dict]:
     """The closed-form rows behind the comparison and the curves, one per distinct (model,
-    resolution, latent frames), with DESIGN.md's provenance fields."""
+    resolution, latent frames), with the results rows' provenance fields."""
     known = set(list_models())
     cases = {(m, int(r), int(f)) for m, r, f in zip(df.ptdit_model, df.resolution,
                                                     df.latent_frames) if m in known}

@@ -1,10 +1,10 @@
-"""The results-row fields every measurement carries (DESIGN.md "Results rows"): provenance,
+"""The results-row fields every measurement carries (docs/results.md "Results rows"): provenance,
 device labels, the status of a failed case, and a check that a row has them all."""
 
 import functools
 import platform
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -58,11 +58,12 @@ def device_label(device: str | torch.device) -> str:
 
 
 def provenance(device: str, backend: str, dtype: str) -> dict:
-    """The provenance fields of a row, in DESIGN.md's order; `device` is already a label."""
+    """The provenance fields of a row, in the documented order (docs/results.md); `device` is
+    already a label."""
     return {
         "schema_version": SCHEMA_VERSION,
         "git_sha": git_sha(),
-        "time_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "time_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "host": platform.node(),
         "device": device,
         "torch": torch.__version__,
@@ -83,8 +84,8 @@ def status_of(err: BaseException) -> str:
 
 
 def check_row(row: dict) -> None:
-    """Raises ValueError naming the DESIGN.md fields `row` lacks."""
+    """Raises ValueError naming the results-row fields `row` lacks."""
     missing = [field for field in ROW_FIELDS if field not in row]
     if missing:
         raise ValueError(f"row lacks the results-row fields {', '.join(missing)} "
-                         f"(DESIGN.md 'Results rows'); it has: {', '.join(map(str, row))}")
+                         f"(docs/results.md 'Results rows'); it has: {', '.join(map(str, row))}")

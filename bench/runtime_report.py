@@ -13,19 +13,30 @@ more than once, the latest row (`time_utc`) is used and the others are counted a
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter
 
 from ptdit import get_config
 
 from . import plots as _plots
-from .cases import (CASE, COLUMNS, EXTRAS, KEY, LATENCY, MEASUREMENTS, MEMORY, NO_MACS, NO_SAVING,
-                    PAIRS, PROFILE_COLUMNS, PROVENANCE, SETUP, SHAPE, VARIANT)
+from .cases import (
+    CASE,
+    COLUMNS,
+    KEY,
+    LATENCY,
+    MEASUREMENTS,
+    MEMORY,
+    NO_MACS,
+    NO_SAVING,
+    PAIRS,
+    PROFILE_COLUMNS,
+    PROVENANCE,
+    SETUP,
+    VARIANT,
+)
 from .markdown import runtime_markdown
 
 #################################################################################
@@ -125,7 +136,8 @@ def speedups(frame: pd.DataFrame) -> pd.DataFrame:
 
 # file -> (plot, the table it draws, what it needs)
 PLOTS: dict[str, tuple[Callable, str, str]] = {
-    "latency_vs_resolution.png": (_plots.plot_latency, "latency", "ok forward-mode image latency rows"),
+    "latency_vs_resolution.png": (_plots.plot_latency, "latency",
+                                  "ok forward-mode image latency rows"),
     "speedup_measured_vs_predicted.png": (_plots.plot_speedups, "speedups",
                                           "a PT-DiT model and its baseline measured in one case"),
     "memory_vs_frames.png": (_plots.plot_memory, "memory",

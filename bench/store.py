@@ -22,7 +22,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +86,7 @@ def _what(row: dict) -> str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Store:
@@ -201,7 +201,7 @@ class Store:
 
     def frame(self):
         """The rows as a pandas DataFrame."""
-        import pandas as pd   # here: the CLI's parsers import this module, --help stays light
+        import pandas as pd  # here: the CLI's parsers import this module, --help stays light
 
         return pd.DataFrame(self.rows())
 

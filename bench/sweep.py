@@ -1,5 +1,5 @@
-"""Sweeps: a grid of latency, memory and profile cases from a TOML file (or flags), measured one by one
-into a results store that survives crashes and resumes.
+"""Sweeps: a grid of latency, memory and profile cases from a TOML file (or flags), measured one
+by one into a results store that survives crashes and resumes.
 
     spec = load("bench/sweeps/cpu.toml")
     jobs = plan(grids(spec, "cpu.toml"))        # every case validated before any is measured

@@ -144,7 +144,8 @@ class _AttentionBase(nn.Module):
         if self.backend != "math":
             if not self._warned_unobserved:
                 self._warned_unobserved = True
-                warnings.warn(_unobserved([self.qualified_name or self.kind]), UserWarning)
+                warnings.warn(_unobserved([self.qualified_name or self.kind]), UserWarning,
+                              stacklevel=3)
             return None
         rows = q.shape[:-3].numel()
         grid, window = windows if windows is not None else (None, None)

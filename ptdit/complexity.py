@@ -1,7 +1,7 @@
 """Closed-form cost of DiT, PixArt-alpha and PT-DiT: MACs per module category, parameters and
 activation bytes of one forward pass, from the configuration alone (pure arithmetic, any size).
 
-Counting convention (DESIGN.md "Units"):
+Counting convention (docs/complexity.md):
 - A MAC is one multiply-accumulate. Linear layers count rows·in·out, the patch-embed Conv2d
   counts output positions·D·C·p², biases count nothing. Attention counts its two products,
   QKᵀ (Lq·Lk·d per head) and softmax(·)·V (Lq·Lk·d per head), densely: masked entries of the

@@ -7,8 +7,13 @@ import torch
 from matplotlib.figure import Figure
 
 from analysis.attention_maps import AttentionMap, Key
-from analysis.attention_plots import (plot_distance, plot_layer_timestep, plot_window_rows,
-                                      plot_window_sizes, write_figures)
+from analysis.attention_plots import (
+    plot_distance,
+    plot_layer_timestep,
+    plot_window_rows,
+    plot_window_sizes,
+    write_figures,
+)
 from analysis.window_similarity import METRICS, WindowStats, plan, to_rows
 from bench.store import Store
 
@@ -16,7 +21,8 @@ GRID = (1, 8, 8)
 TIMESTEPS = (900.0, 500.0, 100.0)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")   # tiny maps: OpenMP hand-offs cost more than the work
+# tiny maps: OpenMP hand-offs cost more than the work
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_map(T: int = 64) -> torch.Tensor:

@@ -68,7 +68,7 @@ def test_no_flag_has_two_meanings():
     from ptdit.cli import Deprecated
 
     meanings = collections.defaultdict(set)
-    for command, parser in subcommands().items():
+    for parser in subcommands().values():
         for action in parser._actions:
             if isinstance(action, Deprecated) or action.help == argparse.SUPPRESS:
                 continue
@@ -179,3 +179,44 @@ def test_flops_and_reproduce_stores_hold_their_own_tables(tmp_path, capsys):
                                        f"(line 1); expected complexity rows of schema version "
                                        f"{SCHEMA_VERSION}: write to another store\n")
     assert not (tmp_path / "complexity").exists() and len(flops.read_text().splitlines()) == 1
+
+
+# Every `ptdit` command the README showed before the flags were unified, as it was written.
+OLD_README = [
+    "flops --model PT-DiT/XL DiT-XL/2 --resolution 256 1024 --counter all",
+    "flops --model PT-DiT/H --resolution 512 --frames 48 --format markdown",
+    "flops --model PixArt-XL/2 --resolution 1024 --dtype bfloat16",
+    "reproduce --out results/complexity",
+    "convert SRC DST --to ptdit --dtype bfloat16 --force",
+    "bench latency --model PT-DiT/B DiT-B/2 --resolution 256 512 --mode forward cfg "
+    "--override depth=2 --store /tmp/runtime.jsonl",
+    "bench memory --model PT-DiT/B --resolution 256 --mode train --override depth=2",
+    "bench profile --model PT-DiT/B DiT-B/2 --resolution 1024 --override depth=1",
+    "sweep bench/sweeps/cpu.toml --out results/cpu/cpu_sweep.jsonl --report results/cpu/report",
+    "report results/cpu/cpu_sweep.jsonl --out results/cpu/report",
+    "fid samples/pixart-512 coco30k_images/ --inception-weights "
+    "weights-inception-2015-12-05-6726825d.pth",
+    "clip-score samples/pixart-512 coco30k_captions.txt --clip-weights ViT-L-14.pt",
+    "attention --model DiT-S/2 --resolution 256 --out /tmp/att",
+    "attention --model DiT-XL/2 --checkpoint DiT-XL-2-256x256.pt --resolution 256 --layers 0 "
+    "13 27 --steps 0 12 24 --out results/attention/dit-xl-2-256",
+    "attention --model PixArt-XL/2 --checkpoint PixArt-XL-2-512x512.pth --resolution 512 "
+    "--prompt-embeddings prompts.safetensors --headwise --out results/attention/pixart-512"]
+
+
+@pytest.mark.parametrize("line", OLD_README, ids=lambda line: " ".join(line.split()[:2]))
+def test_the_previous_readme_commands_still_parse(line, capsys):
+    """Each parses to the same request (old spellings with a deprecation warning, never an
+    error). The previous README's torchrun line used `sample --num`, which torchrun itself
+    always took as its own --numa-binding: that spelling is an error naming --num-samples."""
+    from ptdit.cli import build_parser
+
+    args = build_parser().parse_args(line.split())
+    assert callable(args.run)
+    err = capsys.readouterr().err
+    assert "error" not in err and (err == "" or "is deprecated" in err)
+    if "--steps" in line:
+        assert args.analyse_steps == [0, 12, 24]
+    assert main(["sample", "--model", "PixArt-XL/2", "--resolution", "512", "--num", "30000",
+                 "--out", "o"]) == 2
+    assert "--num was renamed --num-samples" in capsys.readouterr().err

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import ptdit
+from analysis.attention_sources import analyse_trajectory
 from analysis.capture import analyse
 from analysis.model_calls import ModelCall
-from analysis.attention_sources import analyse_trajectory
 from analysis.sampling import denoise, initial_noise, sample_generators
 from bench.rows import check_row
 from ptdit.cli import main
@@ -90,6 +90,7 @@ def test_capture_along_the_samplers_trajectory_for_each_architecture(family, con
     sampler (ddpm / dpm / flow) of a tiny model: every stream gets rows, both branches, and
     the analysed kind is the architecture's self-attention over all positions."""
     from analysis.conditions import make_prompts
+
     from conftest import small_model
 
     model = small_model(family, dtype=torch.float32,

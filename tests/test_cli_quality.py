@@ -43,7 +43,8 @@ def rows(path) -> list[dict]:
 def test_sample_then_fid_then_clip_score(tmp_path, weights, capsys):
     out = tmp_path / "samples"
     args = ["sample", "--model", "DiT-S/2", "--override", *TINY, "--vae", str(weights / "vae"),
-            "--resolution", "16", "--class-labels", "0-3", "--num-samples", "4", "--sampler-steps", "3",
+            "--resolution", "16", "--class-labels", "0-3", "--num-samples", "4",
+            "--sampler-steps", "3",
             "--batch-size", "2", "--out", str(out), "--npz"]
     assert main(args) == 0
     names = sorted(p.name for p in out.glob("*.png"))

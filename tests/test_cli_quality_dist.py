@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from ptdit.cli import main
 from test_cli_quality import TINY, rows, weights  # noqa: F401  (weights: a fixture)
 from test_sampling_dist import environment, free_port
+
+from ptdit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -134,8 +134,8 @@ def test_ctrl_c_keeps_the_pngs_says_how_to_resume_and_stores_no_error(
         tmp_path, weights):  # noqa: F811
     out = tmp_path / "out"
     command = [sys.executable, "-m", "ptdit.cli", *SAMPLE[:-6], "--sampler-steps", "20",
-               "--scheduler", "flow", "--batch-size", "1", "--vae", str(weights / "vae"), "--num-samples",
-               "1000", "--out", str(out)]
+               "--scheduler", "flow", "--batch-size", "1", "--vae", str(weights / "vae"),
+               "--num-samples", "1000", "--out", str(out)]
     # SIGINT as a terminal delivers it, even when this test runs in the background of a
     # non-interactive shell (which starts its children with SIGINT ignored)
     child = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -6,17 +6,18 @@ import json
 
 import pytest
 import torch
-from conftest import condition
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_interop_ptdit import SMALL, release_checkpoint
+from test_load import random_model, same_weights, tiny_registry  # noqa: F401 (fixture)
 
-from ptdit.cli import main
 from ptdit import DiTConfig, PixArtConfig
+from ptdit.cli import main
 from ptdit.interop import FORMATS, load, save
 from ptdit.interop.official_ptdit import POS_BUFFER, ptdit_config
 from ptdit.models import DiT, PixArt, PTDiT
-from test_interop_ptdit import SMALL, release_checkpoint
-from test_load import random_model, same_weights, tiny_registry  # noqa: F401 (fixture)
+
+from conftest import condition
 
 DIT = DiTConfig(depth=2, hidden_size=32, num_heads=4, patch_size=2, input_size=8, num_classes=10)
 
@@ -195,7 +196,7 @@ def test_cli_refuses_a_file_for_a_folder_format_and_vice_versa(tmp_path, capsys)
     assert main(["convert", src, str(tmp_path / "hf"), "--to", "diffusers"]) == 0
 
 
-def test_cli_name_gives_the_heads(tmp_path, capsys, tiny_registry):
+def test_cli_name_gives_the_heads(tmp_path, capsys, tiny_registry):  # noqa: F811 (fixture)
     model = random_model(DiT, DIT)
     torch.save(model.state_dict(), tmp_path / "dit.pt")
     src, dst = str(tmp_path / "dit.pt"), str(tmp_path / "o.safetensors")

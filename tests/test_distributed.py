@@ -27,9 +27,10 @@ if __name__ == "__main__":
     print(f"rank {rank}: {sys.argv[1]} groups", flush=True)
     sys.exit(0)
 
+from test_sampling_dist import environment, free_port  # noqa: E402
+
 from analysis.distributed import broadcast, current, process_group  # noqa: E402
 from ptdit.checks import check_device  # noqa: E402
-from test_sampling_dist import environment, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,17 @@ import pytest
 import torch
 from PIL import Image
 
-from analysis.images import (FLOAT_INPUT, UINT8_INPUT, _npz_chunks, check_images, count_images,
-                             image_names, image_size, quantisation, read_images)
+from analysis.images import (
+    FLOAT_INPUT,
+    UINT8_INPUT,
+    _npz_chunks,
+    check_images,
+    count_images,
+    image_names,
+    image_size,
+    quantisation,
+    read_images,
+)
 
 
 def random_images(n: int, h: int = 6, w: int = 5) -> torch.Tensor:

@@ -8,13 +8,22 @@ import dataclasses
 
 import pytest
 import torch
-from test_interop_dit import (TOL, assert_exact_round_trip, diffusers,  # noqa: F401
-                              float64_diffusers, redraw)                # (fixture)
+from test_interop_dit import (  # noqa: F401
+    TOL,
+    assert_exact_round_trip,
+    diffusers,
+    float64_diffusers,  # (fixture)
+    redraw,
+)
 
 from ptdit import PixArtConfig, get_config
 from ptdit.interop.base import unwrap
-from ptdit.interop.pixart import (DIFFUSERS_PIXART, OFFICIAL_PIXART, PIXART_RELEASES,
-                                  default_interp_scale)
+from ptdit.interop.pixart import (
+    DIFFUSERS_PIXART,
+    OFFICIAL_PIXART,
+    PIXART_RELEASES,
+    default_interp_scale,
+)
 from ptdit.models import PixArt
 
 SMALL = PixArtConfig(depth=2, hidden_size=48, num_heads=4, input_size=8, caption_channels=20,
@@ -51,8 +60,8 @@ def run_both(ours, theirs, micro: bool, height: int, width: int, masked: bool) -
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
 @pytest.mark.parametrize("height,width", SIZES)
 @pytest.mark.parametrize("micro,scale,eps", VARIANTS)
-def test_diffusers_to_ours_matches_diffusers(float64_diffusers, micro, scale, eps, height,
-                                             width, masked):
+def test_diffusers_to_ours_matches_diffusers(float64_diffusers, micro, scale, eps,  # noqa: F811
+                                             height, width, masked):
     theirs = diffusers.PixArtTransformer2DModel(
         num_attention_heads=4, attention_head_dim=12, in_channels=4, out_channels=8,
         num_layers=2, cross_attention_dim=48, sample_size=8, caption_channels=20,
@@ -73,8 +82,8 @@ def test_diffusers_to_ours_matches_diffusers(float64_diffusers, micro, scale, ep
 @pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
 @pytest.mark.parametrize("height,width", SIZES)
 @pytest.mark.parametrize("micro,scale,eps", VARIANTS)
-def test_ours_to_diffusers_matches_ours(float64_diffusers, micro, scale, eps, height, width,
-                                        masked):
+def test_ours_to_diffusers_matches_ours(float64_diffusers, micro, scale, eps,  # noqa: F811
+                                        height, width, masked):
     config = dataclasses.replace(SMALL, micro_condition=micro, pos_interp_scale=scale,
                                  norm_eps=eps, null_caption=False)
     ours = PixArt(config).double()

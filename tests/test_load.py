@@ -9,16 +9,15 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from test_interop_ptdit import SMALL, inputs, release_checkpoint
 
 import ptdit
 from ptdit.configs import MODELS, Entry
-from ptdit.models import DiTConfig, PixArtConfig
 from ptdit.interop import FORMATS, from_official_ptdit, load, save
 from ptdit.interop.base import unwrap
 from ptdit.interop.official_ptdit import ptdit_config
 from ptdit.interop.ptdit_format import metadata
-from ptdit.models import DiT, PixArt, PTDiT
-from test_interop_ptdit import SMALL, inputs, release_checkpoint
+from ptdit.models import DiT, DiTConfig, PixArt, PixArtConfig, PTDiT
 
 DIT = DiTConfig(depth=2, hidden_size=32, num_heads=4, patch_size=2, input_size=8, num_classes=10)
 

@@ -4,7 +4,6 @@ and the report's table of them."""
 
 import pandas as pd
 import pytest
-import torch
 
 from bench import profile as prof
 from bench.latency import Case

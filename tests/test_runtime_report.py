@@ -21,7 +21,8 @@ def row(model: str, measurement: str = "latency", status: str = "ok", **fields) 
     """One results row as the runtime harness writes it; `fields` override the defaults."""
     resolution = fields.get("resolution", 1024)
     out = {"schema_version": SCHEMA_VERSION, "git_sha": "0123456789ab",
-           "time_utc": "2025-01-01T00:00:00Z", "host": "bench-host", "device": "NVIDIA H200", "torch": "2.14.1", "dtype": "bf16",
+           "time_utc": "2025-01-01T00:00:00Z", "host": "bench-host", "device": "NVIDIA H200",
+           "torch": "2.14.1", "dtype": "bf16",
            "backend": "sdpa", "model": model, "resolution": resolution, "latent_frames": 1,
            "tokens": (resolution // 16) ** 2, "batch": 1, "text_tokens": 120,
            "window": [1, 4, 4] if model.startswith("PT-DiT") else None, "status": status,

@@ -28,6 +28,7 @@ CLASSES = "0-9"
 def worker(spec_file: str) -> None:
     """Samples each run of the spec (keys: weights, vae, runs, sleep_per_step)."""
     from analysis.sampling import sample
+
     from conftest import small_model
     spec = json.loads(Path(spec_file).read_text())
     torch.set_num_threads(1)
@@ -47,9 +48,11 @@ if __name__ == "__main__":
 from analysis.offline import go_offline  # noqa: E402
 
 go_offline()
-from analysis.sampling import sample  # noqa: E402
-from conftest import small_model  # noqa: E402
 from test_sampling import tiny_vae  # noqa: E402
+
+from analysis.sampling import sample  # noqa: E402
+
+from conftest import small_model  # noqa: E402
 
 RUN = dict(scheduler="ddpm", steps=3, cfg_scale=4.0, seed=11)
 

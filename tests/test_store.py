@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 
 from bench.rows import SCHEMA_VERSION
-from bench.store import (Store, check_writable, check_writable_folder, hashable,
-                         row_key)
+from bench.store import Store, check_writable, check_writable_folder, hashable, row_key
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_sigkill = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX only")

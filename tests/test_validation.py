@@ -6,13 +6,14 @@ import re
 
 import pytest
 import torch
-from conftest import small_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ptdit
 from ptdit.cli import main
 from ptdit.interop import FORMATS, save
+
+from conftest import small_model
 
 READABLE = ("allowed: a PyTorch checkpoint (.pt, .pth, .bin, .ckpt), a safetensors file or a "
             "diffusers folder")

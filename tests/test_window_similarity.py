@@ -11,8 +11,8 @@ import analysis.window_similarity as ws
 from analysis.window_similarity import plan, to_rows, window_stats
 from bench.store import Store
 
-
-pytestmark = pytest.mark.usefixtures("one_thread")   # tiny maps: OpenMP hand-offs cost more than the work
+# tiny maps: OpenMP hand-offs cost more than the work
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_maps(samples: int, T: int, sharpness: float = 2.0) -> torch.Tensor:

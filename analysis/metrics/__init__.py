@@ -1,10 +1,9 @@
 """Quality metrics of generated images, offline and sharded over torch.distributed ranks:
 `fid.fid` (Fréchet Inception Distance) and `clip_score.clip_score`. Each returns one results
-row (DESIGN.md "Results rows") that records every setting that moves its number; the helpers
+row (docs/results.md "Results rows") that records every setting that moves its number; the helpers
 here build the part of the row they share."""
 
 import os
-from pathlib import Path
 
 from bench.rows import check_row, device_label, provenance
 

@@ -77,7 +77,7 @@ class Float64Features(nn.Module):
 
 
 def _torchmetrics_version() -> str:
-    import torchmetrics   # loaded by now; not before the weights check, which takes a moment
+    import torchmetrics  # loaded by now; not before the weights check, which takes a moment
     return torchmetrics.__version__
 
 

@@ -40,7 +40,7 @@ class Case(NamedTuple):
 
 
 def _sizes() -> list[Case]:
-    """The papers' sizes of every named model (bench/published.csv, shared/reference/paper.md)."""
+    """The papers' sizes of every named model (bench/published.csv, docs/paper.md)."""
     cases = []
     for name in ptdit.list_models():
         if name.startswith("DiT-"):              # DiT Table 4 (256 px) and XL/2 at 512 px

@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-
 #################################################################################
 #                               Speed rule                                      #
 #################################################################################

@@ -34,10 +34,9 @@ import torch
 from torch import Tensor
 
 from ..configs import MODELS
-from ..models import DiTConfig
 from ..layers import position_table
-from .base import (EXTRA_KEY, Format, StateDict, changed_fields, extra_fields, named_fields,
-                   unwrap)
+from ..models import DiTConfig
+from .base import EXTRA_KEY, Format, StateDict, changed_fields, extra_fields, named_fields, unwrap
 from .ptdit_format import typed_config
 
 DIT_HEADS = {(e.config.depth, e.config.hidden_size): e.config.num_heads for e in MODELS.values()

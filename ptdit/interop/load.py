@@ -23,8 +23,17 @@ from .base import EXTRA_KEY, WRAPPERS, Format, StateDict, unwrap
 from .dit import DIFFUSERS_DIT, FACEBOOK_DIT
 from .official_ptdit import OFFICIAL_PTDIT
 from .pixart import DIFFUSERS_PIXART, OFFICIAL_PIXART
-from .ptdit_format import (CONFIG_CLASSES, PTDIT, RESOLUTION_FIELDS, check_floating,
-                           instantiate, layers, metadata, read_metadata, registry_name)
+from .ptdit_format import (
+    CONFIG_CLASSES,
+    PTDIT,
+    RESOLUTION_FIELDS,
+    check_floating,
+    instantiate,
+    layers,
+    metadata,
+    read_metadata,
+    registry_name,
+)
 
 FORMATS: dict[str, Format] = {f.name: f for f in (FACEBOOK_DIT, DIFFUSERS_DIT, OFFICIAL_PIXART,
                                                   DIFFUSERS_PIXART, OFFICIAL_PTDIT, PTDIT)}

@@ -1,7 +1,7 @@
 """The released PT-DiT / Qihoo-T2X checkpoint (`PTDiTDiffuser` of Ascend/MindSpeed-MM) <-> ptdit.
 
-The release's forward pass is specified in shared/reference/official_ptdit.md; its 1B keys are
-listed in shared/reference/official_ptdit_1b_keys.json. Our PT-DiT computes the same function
+The release's forward pass is specified in docs/ptdit_release.md ("spec" below); its 1B keys are
+listed in tests/data/official_ptdit_1b_keys.json. Our PT-DiT computes the same function
 (with batch-correct modulation, so it equals the release whenever the timesteps of a batch are
 equal) under DiT/PixArt names. Which release attention is which (spec §6):
 

@@ -32,11 +32,20 @@ import torch
 from torch import Tensor
 
 from ..configs import MODELS
-from ..models import PixArtConfig
 from ..layers import position_table
+from ..models import PixArtConfig
 from .base import EXTRA_KEY, Format, StateDict, changed_fields, extra_fields, unwrap
-from .dit import (block_count, checked_config, diffusers_config, fuse, heads_for, mlp_ratio_for,
-                  pop_linear, require, split_qkv)
+from .dit import (
+    block_count,
+    checked_config,
+    diffusers_config,
+    fuse,
+    heads_for,
+    mlp_ratio_for,
+    pop_linear,
+    require,
+    split_qkv,
+)
 
 PIXART_HEADS = {(e.config.depth, e.config.hidden_size): e.config.num_heads
                 for e in MODELS.values() if isinstance(e.config, PixArtConfig)}

@@ -18,8 +18,16 @@ from torch import Tensor, nn
 
 from .. import checks
 from ..attention import Attention
-from ..layers import (LabelEmbedder, Mlp, PatchEmbed, ShapeCache, TimestepEmbedder, modulate,
-                      position_table, unpatchify)
+from ..layers import (
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    ShapeCache,
+    TimestepEmbedder,
+    modulate,
+    position_table,
+    unpatchify,
+)
 from .inputs import LatentShape, check_labels, check_timesteps, parse_latent
 
 

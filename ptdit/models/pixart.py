@@ -21,8 +21,18 @@ from torch import Tensor, nn
 
 from .. import checks
 from ..attention import Attention, CrossAttention, text_bias
-from ..layers import (CaptionEmbedder, Mlp, PatchEmbed, ShapeCache, SizeEmbedder,
-                      T2IFinalLayer, TimestepEmbedder, modulate, position_table, unpatchify)
+from ..layers import (
+    CaptionEmbedder,
+    Mlp,
+    PatchEmbed,
+    ShapeCache,
+    SizeEmbedder,
+    T2IFinalLayer,
+    TimestepEmbedder,
+    modulate,
+    position_table,
+    unpatchify,
+)
 from .inputs import check_text, check_timesteps, parse_latent
 
 

@@ -1,7 +1,7 @@
 """PT-DiT: Proxy-Tokenized Diffusion Transformer (Qihoo-T2X, arXiv 2409.04005).
 
-The released architecture (Ascend/MindSpeed-MM `PTDiTDiffuser`, see shared/reference/
-official_ptdit.md), with DiT/PixArt-family parameter names and three release bugs fixed:
+The released architecture (Ascend/MindSpeed-MM `PTDiTDiffuser`, step by step in
+docs/ptdit_release.md), with DiT/PixArt-family parameter names and three release bugs fixed:
 modulation is batch-correct (the release mixes samples when timesteps differ), positions are
 right on non-square grids, and the shifted-window mask is built per shape (never a stale cache).
 
@@ -29,11 +29,30 @@ import torch
 from torch import Tensor, nn
 
 from .. import checks
-from ..attention import (Attention, CrossAttention, Windows, proxy_tokens, shift_permutation,
-                         shift_window_bias, text_bias, window_partition, window_reverse)
-from ..layers import (CaptionEmbedder, LabelEmbedder, Mlp, PatchEmbed, ShapeCache,
-                      T2IFinalLayer, TimestepEmbedder, compute_dtype, modulate, position_table,
-                      unpatchify)
+from ..attention import (
+    Attention,
+    CrossAttention,
+    Windows,
+    proxy_tokens,
+    shift_permutation,
+    shift_window_bias,
+    text_bias,
+    window_partition,
+    window_reverse,
+)
+from ..layers import (
+    CaptionEmbedder,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    ShapeCache,
+    T2IFinalLayer,
+    TimestepEmbedder,
+    compute_dtype,
+    modulate,
+    position_table,
+    unpatchify,
+)
 from .inputs import check_labels, check_text, check_timesteps, parse_latent
 
 
