@@ -1,7 +1,7 @@
 """bench.command_costs: whole commands in fresh processes, their wall time and peak memory as
 store rows, and the Markdown table the README cites."""
 
-import subprocess
+import os
 import sys
 
 import pandas as pd
@@ -76,20 +76,36 @@ def test_rows_go_to_the_store_and_the_report_shows_the_latest(tmp_path, capsys, 
     assert "--only: no command named nope" in capsys.readouterr().err
 
 
-def test_other_work_beside_a_command_is_measured_and_reported(tmp_path, monkeypatch):
-    """A process spinning on a core while the command runs shows as about one core of other
-    work, and the report marks the row BUSY; the command's own CPU time is not counted."""
+def test_the_commands_own_cpu_time_is_measured_and_not_counted_as_other_work(tmp_path,
+                                                                              monkeypatch):
+    """A command that spins for 1 s of CPU time: its own CPU time is at least that, whatever
+    else the machine runs, and the machine's busy time over the command (/proc/stat) holds
+    it, so other work is what is left (never negative)."""
     script = tmp_path / "spin.py"
-    script.write_text("import time\nend = time.time() + 1.5\nwhile time.time() < end:\n"
-                      "    pass\n")
+    script.write_text("import time\nwhile time.process_time() < 1.0:\n    pass\n")
     monkeypatch.setattr(command_costs, "_child", lambda argv: [sys.executable, str(script)])
-    alone = command_costs.measure({"name": "spin", "argv": []})
-    spinner = subprocess.Popen([sys.executable, str(script)])
-    try:
-        beside = command_costs.measure({"name": "spin", "argv": []})
-    finally:
-        spinner.wait()
-    assert alone["cpu_s"] > 1.0 and beside["other_cores"] > alone["other_cores"] + 0.5
-    assert not beside["idle"]
-    text = command_costs.report(pd.DataFrame([{**beside, "argv": "x"}]))
-    assert "(BUSY)" in text
+    seen = []
+    busy = command_costs._busy_seconds
+    monkeypatch.setattr(command_costs, "_busy_seconds", lambda: seen.append(busy()) or seen[-1])
+    row = command_costs.measure({"name": "spin", "argv": []})
+    assert row["cpu_s"] >= 1.0 and row["returncode"] == 0
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    assert seen[1] - seen[0] >= row["cpu_s"] - 2 * tick
+    assert row["other_cores"] == pytest.approx(
+        max(0.0, (seen[1] - seen[0] - row["cpu_s"]) / row["wall_s"]))
+
+
+def test_other_work_beside_a_command_is_reported_busy(monkeypatch):
+    """Busy time beyond the command's own, per second of its wall time, is other work in
+    cores: with the machine's counters made up to show 40 s of it, the row is not idle and
+    the report says BUSY; a row below IDLE_CORES reads idle."""
+    monkeypatch.setattr(command_costs, "_child", lambda argv: [sys.executable, "-S", "-c", "0"])
+    readings = iter([1000.0, 1040.0])
+    monkeypatch.setattr(command_costs, "_busy_seconds", lambda: next(readings))
+    row = command_costs.measure({"name": "x", "argv": []})
+    assert row["other_cores"] == pytest.approx((40.0 - row["cpu_s"]) / row["wall_s"])
+    assert row["other_cores"] > command_costs.IDLE_CORES and row["idle"] is False
+    quiet = {**row, "other_cores": 0.1, "idle": True}
+    text = command_costs.report(pd.DataFrame([{**row, "argv": "x"}, {**quiet, "argv": "y",
+                                                                     "command": "y"}]))
+    assert f"{row['other_cores']:.2f} (BUSY)" in text and "0.10 (idle)" in text
