@@ -21,9 +21,10 @@ from torch import nn
 from bench.rows import device_label, provenance
 from bench.store import Store
 
+from . import sampling
 from .attention_maps import AttentionMap, save_maps
 from .attention_plots import FIGURE_FILES, write_figures
-from .attention_sources import analyse_images, analyse_trajectory
+from .attention_sources import VAE_SPATIAL, analyse_images, analyse_trajectory
 from .window_similarity import DEFAULT_MAX_PAIRS, QUESTIONS
 
 ROWS, MAPS = "attention.jsonl", "maps.npz"
@@ -108,8 +109,10 @@ def run(model: nn.Module, conditions, *, out: str | os.PathLike, resolution: int
         force: bool = False, figures: bool = True) -> Result:
     """Analyses `model` (see the module docstring) and writes the run into `out`.
 
-    images: None for the sampling trajectory, else a folder / .npz of real images (the first
-    `samples`), encoded by `vae` (an AutoencoderKL) or in pixel space without one.
+    images: None for the sampling trajectory (its latents are resolution / the factor of `vae`
+    on a side: 8 without one, 1 for analysis.sampling.PixelSpace), else a folder / .npz of real
+    images (the first `samples`), encoded by `vae` (an AutoencoderKL) or in pixel space
+    without one.
     steps: the sampler's step count; analyse_steps: which of them (default_steps). The rest
     as analyse_trajectory / analyse_images and window_similarity.plan. checkpoint: the weights'
     file (None: untrained, built with `init_seed`, recorded). force: replace an earlier
@@ -135,14 +138,16 @@ def run(model: nn.Module, conditions, *, out: str | os.PathLike, resolution: int
                    cfg_scale=cfg_scale, seed=seed, samples=samples, meta=meta, windows=windows,
                    layers=layers, heads=heads, keep_maps=keep, max_pairs=max_pairs,
                    edge_margin=edge_margin, headwise=headwise)
-    if images is None:
+    if images is None:     # the trajectory's latent grid: resolution / the VAE's factor
+        factor = VAE_SPATIAL if vae is None else sampling.vae_factor(vae)
         rows, maps = analyse_trajectory(model, conditions, resolution=resolution, frames=frames,
-                                        **options)
+                                        factor=factor, **options)
     else:
         if frames is not None:
             raise ValueError("real images are analysed as images: drop frames (--frames)")
-        rows, maps = analyse_images(model, conditions, images, resolution=resolution, vae=vae,
-                                    **options)
+        pixels = vae is None or isinstance(vae, sampling.PixelSpace)
+        rows, maps = analyse_images(model, conditions, images, resolution=resolution,
+                                    vae=None if pixels else vae, **options)
     parameter = next(model.parameters())
     head = provenance(device_label(parameter.device),
                       "headwise recompute" if headwise else "math",

@@ -70,11 +70,13 @@ def analyse_trajectory(model: nn.Module, conditions, *, resolution: int, frames:
                        scheduler: str | None = None, steps: int | None = None,
                        analyse_steps: Iterable[int] | None = None, cfg_scale: float | None = None,
                        guidance_channels: str | None = None, seed: int = 0, samples: int = 1,
-                       meta: dict | None = None, **options) -> tuple[list[dict], list]:
+                       meta: dict | None = None, factor: int = VAE_SPATIAL,
+                       **options) -> tuple[list[dict], list]:
     """Window statistics of `model`'s self-attention along a real sampling trajectory: the
     quality sampler's denoising loop (analysis.sampling.denoise: its scheduler, steps, guidance
     and per-sample seeds for samples 0…samples-1) from noise of the latent shape of
-    `resolution` px (VAE factor 8; `frames` latent frames), each forward of a step in
+    `resolution` px (`factor` pixels per latent pixel: 8, an SD VAE's, or 1 for a pixel-space
+    model; `frames` latent frames), each forward of a step in
     `analyse_steps` (default: every step) reduced as it runs — the maps are the ones the sampler
     itself computes; the run stops after the last analysed step. Under guidance the batch holds
     both branches. `conditions`: ClassLabels /
@@ -89,10 +91,10 @@ def analyse_trajectory(model: nn.Module, conditions, *, resolution: int, frames:
     wanted = set(_steps(analyse_steps, steps))
     conditions = _conditions(conditions)
     check_conditions(model, conditions, guided)
-    if resolution % VAE_SPATIAL:
+    if resolution % factor:
         raise ValueError(f"resolution {resolution} px is not a multiple of the VAE factor "
-                         f"{VAE_SPATIAL}")
-    side = resolution // VAE_SPATIAL
+                         f"{factor}")
+    side = resolution // factor
     shape = (model.in_channels, *([frames] if frames else []), side, side)
     parameter = next(model.parameters())
     generators, noise, condition = sampling.prepare_batch(
@@ -140,7 +142,8 @@ def clean_latents(images, count: int, resolution: int, vae=None, in_channels: in
                   device="cpu", dtype: torch.dtype = torch.float32) -> tuple[Tensor, int, str]:
     """The first `count` images of a folder / .npz (analysis.images) as clean model inputs:
     (latents (count, C, h, w), pixels per input pixel, how they were made) — encoded by `vae`
-    (an AutoencoderKL), or in pixel space without one (3-channel models only)."""
+    (an AutoencoderKL), or in pixel space without one (3-channel models; a 1-channel model
+    gets the mean of the image's channels)."""
     available = count_images(images)
     if count > available:
         raise ValueError(f"{count} images asked for, but {images} holds {available}")
@@ -153,9 +156,12 @@ def clean_latents(images, count: int, resolution: int, vae=None, in_channels: in
     pixels = _square(torch.cat(batches), resolution)
     source = f"{count} image(s) of {images}"
     if vae is None:
+        if in_channels == 1:      # a greyscale pixel-space model: the channels' mean
+            return pixels.mean(1, keepdim=True).to(device, dtype), 1, f"{source}, grey pixels"
         if in_channels != 3:
             raise ValueError(f"the model takes {in_channels}-channel latents: give a VAE to "
-                             "encode the images (--vae), or use a 3-channel (pixel-space) model")
+                             "encode the images (--vae), or use a 1- or 3-channel (pixel-space) "
+                             "model")
         return pixels.to(device, dtype), 1, f"{source}, pixel space"
     factor = sampling.vae_factor(vae)
     if resolution % factor:

@@ -5,12 +5,13 @@ prints what it returns; the flags are ptdit.cli's shared definitions."""
 import argparse
 import sys
 
-from ptdit.cli import add, deprecated, positive_int, resolution
+from ptdit.cli import add, deprecated, finite_float, positive_int, resolution
 
 
 def register(sub) -> None:
     """The entry point of the `ptdit.commands` group."""
-    for add_command in (add_sample, add_fid, add_clip_score, add_attention):
+    for add_command in (add_sample, add_fid, add_clip_score, add_attention, add_train,
+                        add_study, add_digits_classifier):
         add_command(sub)
 
 
@@ -58,7 +59,8 @@ def add_sample(sub) -> None:
         "Nothing downloads: the VAE and T5 come from local folders. Exit status: 0 when every "
         "sample is made, 1 when some are not (non-finite values), 2 for bad input, 130 on "
         "Ctrl-C (finished PNGs are kept; rerun to resume).")
-    add(p, "--model", "with --checkpoint, the checkpoint must hold its layers")
+    add(p, "--model", "required without --checkpoint; with one, the file must hold its layers "
+        "(a file ptdit wrote names its model itself)", required=False)
     add(p, "--checkpoint")
     add(p, "--vae", "that decodes the latents (default $PTDIT_VAE)")
     p.add_argument("--resolution", required=True, nargs="+", type=resolution, metavar="PX|HxW",
@@ -220,7 +222,8 @@ def add_attention(sub) -> None:
         "OUT/maps.npz (the maps of Figure 3), and prints a summary per analysed step. Without "
         "--checkpoint the weights are random (seeded by --init-seed), and the output says so. "
         "Exit status: 1 when some row is not ok (maps that held NaN or Inf).")
-    add(p, "--model")
+    add(p, "--model", "required without --checkpoint; with one, the file must hold its layers "
+        "(a file ptdit wrote names its model itself)", required=False)
     add(p, "--checkpoint")
     add(p, "--resolution", "the analysis takes square images")
     add(p, "--frames")
@@ -278,3 +281,143 @@ def run_attention(args: argparse.Namespace) -> int:
         max_pairs=args.max_pairs, force=args.force)
     print(result.text())
     return 0 if all(row["status"] == "ok" for row in result.rows) else 1
+
+
+#################################################################################
+#                        train, study, digits-classifier                        #
+#################################################################################
+
+def add_train(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train any model on real bundled data (digits, photos), an image folder "
+        "or an .npz; resumable, under torchrun data-parallel",
+        description="Trains NAME (with --override fields) on --data into OUT: the family's "
+        "objective (DiT and PixArt-α: IDDPM's learned-variance hybrid loss; PT-DiT: rectified "
+        "flow; --objective picks another) in pixel space (in_channels = the images' channels), "
+        "or on --vae latents. AdamW with warm-up, gradient clipping, EMA, class/caption "
+        "dropout for guidance, random horizontal flips. OUT gets checkpoint.pt (every "
+        "--checkpoint-every steps, at the end and on Ctrl-C / SIGTERM: the same command "
+        "resumes exactly), ema.safetensors (the EMA weights, ptdit.load / ptdit sample "
+        "--checkpoint read it; ema.training.json says how it was trained), run.json and "
+        "train.jsonl (loss, images/s, TFLOP/s, TFLOP spent). An OUT holding another run is "
+        "refused. Exit status: 0 done, 2 bad input, 130 interrupted (checkpoint written).")
+    add(p, "--model")
+    p.add_argument("--data", required=True, metavar="NAME|PATH", help="digits (UCI "
+                   "handwritten digits from scikit-learn's files: 10 classes, grey), photos "
+                   "(random crops of the photographs bundled with scikit-learn, scikit-image "
+                   "and matplotlib), a folder of images (subfolders as classes) or an .npz")
+    add(p, "--resolution", "the training images' side (square); the pixels themselves "
+        "without --vae")
+    p.add_argument("--out", required=True, metavar="DIR", help="the run's folder")
+    how_long = p.add_mutually_exclusive_group(required=True)
+    how_long.add_argument("--train-steps", type=positive_int, metavar="N",
+                          help="optimizer steps")
+    how_long.add_argument("--budget-tflop", type=finite_float, metavar="T", help="closed-form "
+                          "training TFLOP (3 × forward FLOPs × batch per step)")
+    how_long.add_argument("--budget-seconds", type=finite_float, metavar="S", help="training "
+                          "time on this machine (checkpoint writing excluded)")
+    add(p, "--batch-size", "global images per optimizer step (default 64)", default=64)
+    p.add_argument("--grad-accum", type=positive_int, default=1, metavar="K",
+                   help="micro-batches per step (default 1)")
+    p.add_argument("--lr", type=finite_float, default=1e-4, help="AdamW learning rate "
+                   "(default 1e-4, DiT's)")
+    p.add_argument("--warmup-steps", type=int, default=0, metavar="N",
+                   help="linear warm-up steps (default 0)")
+    p.add_argument("--weight-decay", type=finite_float, default=0.0, metavar="W",
+                   help="AdamW weight decay (default 0, DiT's)")
+    p.add_argument("--grad-clip", type=finite_float, default=1.0, metavar="N",
+                   help="max gradient norm (default 1.0)")
+    p.add_argument("--ema-decay", type=finite_float, default=0.9999, metavar="D",
+                   help="EMA decay (default 0.9999, DiT's)")
+    add(p, "--seed", "of the weights, the data order and every draw")
+    add(p, "--dtype", "bfloat16: autocast over float32 master weights",
+        choices=("float32", "bfloat16"))
+    p.add_argument("--objective", choices=("iddpm", "flow"), help="default: the family's")
+    p.add_argument("--cond-dropout", type=finite_float, default=0.1, metavar="P",
+                   help="probability of the null class / caption (default 0.1)")
+    p.add_argument("--no-flip", dest="flip", action="store_false",
+                   help="no random horizontal flips")
+    p.add_argument("--checkpoint-every", type=positive_int, default=500, metavar="N")
+    p.add_argument("--log-every", type=positive_int, default=10, metavar="N")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block in the backward pass")
+    add(p, "--vae", "train on its latents (default: pixel space)")
+    add(p, "--device")
+    add(p, "--override", "config fields of the model")
+    p.set_defaults(run=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .commands import train
+    from .training.harness import TrainingInterrupted
+
+    try:
+        row = train(model=args.model, data=args.data, resolution=args.resolution,
+                    out=args.out, overrides=args.override, vae=args.vae,
+                    train_steps=args.train_steps, budget_tflop=args.budget_tflop,
+                    budget_seconds=args.budget_seconds, batch_size=args.batch_size,
+                    grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup_steps,
+                    weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                    ema_decay=args.ema_decay, seed=args.seed, dtype=args.dtype,
+                    objective=args.objective, cond_dropout=args.cond_dropout, flip=args.flip,
+                    checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                    compile=args.compile, grad_checkpointing=args.grad_checkpointing,
+                    device=args.device)
+    except TrainingInterrupted as stop:
+        print(f"ptdit train: {stop}", file=sys.stderr)
+        return 130
+    keep = ("model", "step", "loss", "tflop_spent", "train_s", "images_per_s", "objective",
+            "space", "status", "out")
+    _print_row({k: row.get(k) for k in keep})
+    return 0 if row["status"] == "ok" else 1
+
+
+def add_study(sub) -> None:
+    p = sub.add_parser(
+        "study", help="the equal-compute study: architectures trained on the same data for "
+        "the same FLOPs and the same time, sampled, scored and analysed",
+        description="Runs a study file (TOML; analysis/studies/digits.toml is the shipped "
+        "one): each [[arm]] trained on the same data (a) for the same closed-form training "
+        "TFLOP, evaluated along the way, and (b) for the same wall-clock time; each "
+        "evaluation samples the EMA weights and scores them with the Fréchet distance in a "
+        "digits classifier's features (fd_digits_classifier, beside its floor) and the "
+        "samples' class accuracy; the forward latency of each architecture; window "
+        "similarity of each arm's trained and untrained weights. Resumable: rerun the same "
+        "command and finished work is kept. Writes OUT/study.jsonl, study.md, study.csv, "
+        "attention.csv and figures.")
+    p.add_argument("file", metavar="FILE.toml", help="the study file")
+    p.add_argument("--out", required=True, metavar="DIR", help="the study's folder")
+    p.add_argument("--smoke", action="store_true", help="the same study shrunk to run in a "
+                   "minute or two (tiny layers, a few steps): checks the machinery; its "
+                   "numbers mean nothing")
+    p.set_defaults(run=run_study)
+
+
+def run_study(args: argparse.Namespace) -> int:
+    from .commands import study
+
+    written = study(file=args.file, out=args.out, smoke=args.smoke)
+    for name, path in written.items():
+        print(f"{name:<24}  {path}")
+    return 0
+
+
+def add_digits_classifier(sub) -> None:
+    p = sub.add_parser(
+        "digits-classifier", help="train and cache the digits classifier whose features the "
+        "digits Fréchet distance uses",
+        description="Trains a small CNN on the digits train split (deterministic, seconds on a "
+        "CPU), reports its held-out accuracy and caches its weights ($PTDIT_CACHE or "
+        "~/.cache/ptdit); fd_digits_classifier makes it on first use if missing.")
+    p.add_argument("--size", type=positive_int, default=32, metavar="PX",
+                   help="the classifier's input side in pixels (default 32, at least 16)")
+    p.add_argument("--cache-dir", metavar="DIR", help="default $PTDIT_CACHE or ~/.cache/ptdit")
+    p.set_defaults(run=run_digits_classifier)
+
+
+def run_digits_classifier(args: argparse.Namespace) -> int:
+    from .commands import digits_classifier
+
+    _print_row(digits_classifier(size=args.size, cache_dir=args.cache_dir))
+    return 0

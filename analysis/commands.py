@@ -30,11 +30,15 @@ def init_seed_of(checkpoint, init_seed: int | None, seed: int) -> int | None:
     return seed if init_seed is None else init_seed
 
 
-def build_model(name: str, checkpoint=None, overrides=(), init_seed: int | None = 0) -> nn.Module:
-    """`name` loaded from `checkpoint`, else built with random weights from `init_seed`
+def build_model(name: str | None, checkpoint=None, overrides=(),
+                init_seed: int | None = 0) -> nn.Module:
+    """`name` loaded from `checkpoint` (None: whatever model the file holds: a file ptdit
+    wrote carries its config), else built with random weights from `init_seed`
     (ptdit.build(seed=…)) and the config `overrides` ((field, value) pairs)."""
     import ptdit
 
+    if name is None and checkpoint is None:
+        raise ValueError("give --model NAME (random weights), or --checkpoint FILE")
     overrides = dict(overrides)
     bad = [f"{k}={v}" for k, v in overrides.items()
            if isinstance(v, float) and not math.isfinite(v)]
@@ -48,6 +52,30 @@ def build_model(name: str, checkpoint=None, overrides=(), init_seed: int | None 
     if not Path(checkpoint).exists():
         raise ValueError(f"--checkpoint {checkpoint} does not exist")
     return ptdit.load(checkpoint, name=name)
+
+
+def trained(checkpoint) -> dict:
+    """What a model trained by `ptdit train` says about sampling it (analysis.training.harness
+    .checkpoint_info): {"vae": PixelSpace(C) for a pixel-space model, "scheduler": the sampler
+    that inverts its objective, "class_labels" / "prompt_embeddings": its classes or the
+    caption file its training wrote}; {} for any other checkpoint (or none)."""
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return {}
+    from .training.harness import checkpoint_info
+
+    info = checkpoint_info(checkpoint)
+    if info is None:
+        return {}
+    from .sampling import PixelSpace
+
+    defaults = {"scheduler": info["sampler"]}
+    if info["space"]["kind"] == "pixel":
+        defaults["vae"] = PixelSpace(info["space"]["channels"])
+    if info["condition"] == "class":
+        defaults["class_labels"] = f"0-{info['num_classes'] - 1}"
+    else:
+        defaults["prompt_embeddings"] = info["prompt_embeddings"]
+    return defaults
 
 
 def model_conditions(model: nn.Module, *, class_labels=None, prompt_embeddings=None,
@@ -100,12 +128,20 @@ def sample(*, model: str, vae, resolution, out, num_samples: int, checkpoint=Non
     check_outputs({"--out": (out, True), "--store": (store or Path(out) / "samples.jsonl",
                                                       False)})
     go_offline()
-    VAE.path(vae)            # a missing folder fails in a moment, before the heavy imports
+    made_here = trained(checkpoint)   # a model of `ptdit train`: its space, sampler, classes
+    if vae is None and "vae" in made_here:
+        vae = made_here["vae"]
+    else:
+        VAE.path(vae)        # a missing folder fails in a moment, before the heavy imports
+    if class_labels is None and prompt_embeddings is None and prompts is None:
+        class_labels = made_here.get("class_labels")
+        prompt_embeddings = made_here.get("prompt_embeddings")
+    scheduler = scheduler or made_here.get("scheduler")
     from .distributed import process_group
-    from .sampling import load_vae
+    from .sampling import PixelSpace, load_vae
     from .sampling import sample as run
 
-    vae = load_vae(vae)
+    vae = vae if isinstance(vae, PixelSpace) else load_vae(vae)
     seeded = init_seed_of(checkpoint, init_seed, seed)
     with process_group(device) as (rank, _, device):
         net = build_model(model, checkpoint, overrides, seeded)
@@ -197,7 +233,13 @@ def attention(*, model: str, resolution, out, checkpoint=None, overrides=(), see
         raise ValueError("--vae encodes the real images of --images; give both, or neither "
                          "to analyse the sampler's own trajectory")
     check_outputs({"--out": (out, True)})
-    if vae is not None:
+    made_here = trained(checkpoint)   # a model of `ptdit train`: its space, sampler, classes
+    scheduler = scheduler or made_here.get("scheduler")
+    if class_labels is None and prompt_embeddings is None:
+        prompt_embeddings = made_here.get("prompt_embeddings")
+    if vae is None and "vae" in made_here:
+        vae = made_here["vae"]
+    elif vae is not None:
         go_offline()
         VAE.path(vae)
         from .sampling import load_vae
@@ -211,3 +253,69 @@ def attention(*, model: str, resolution, out, checkpoint=None, overrides=(), see
                cfg_scale=cfg_scale, seed=seed, samples=num_samples, windows=window_sides,
                layers=layers, heads=heads, headwise=headwise, max_pairs=max_pairs,
                edge_margin=edge_margin, checkpoint=checkpoint, init_seed=seeded, force=force)
+
+
+#################################################################################
+#                        train, study, digits-classifier                        #
+#################################################################################
+
+def train(*, model: str, data: str, resolution, out, overrides=(), vae=None,
+          train_steps: int | None = None, budget_tflop: float | None = None,
+          budget_seconds: float | None = None, batch_size: int = 64, grad_accum: int = 1,
+          lr: float = 1e-4, warmup_steps: int = 0, weight_decay: float = 0.0,
+          grad_clip: float | None = 1.0, ema_decay: float = 0.9999, seed: int = 0,
+          dtype: str = "float32", objective: str | None = None, cond_dropout: float = 0.1,
+          flip: bool = True, checkpoint_every: int = 500, log_every: int = 10,
+          compile: bool = False, grad_checkpointing: bool = False, device="cpu",
+          progress: bool = True) -> dict:
+    """`ptdit train` (analysis.training.harness.train): the run's final row."""
+    if not isinstance(resolution, int):
+        raise ValueError(f"--resolution {resolution[0]}x{resolution[1]}: training takes square "
+                         "images; give one side in pixels")
+    if sum(v is not None for v in (train_steps, budget_tflop, budget_seconds)) != 1:
+        raise ValueError("give exactly one of --train-steps, --budget-tflop and "
+                         "--budget-seconds (how long to train)")
+    device = check_device(device, "--device")
+    check_outputs({"--out": (out, True)})
+    go_offline()
+    if vae is not None:
+        VAE.path(vae)
+    from .training.harness import TrainOptions
+    from .training.harness import train as run
+
+    overrides = dict(overrides)
+    options = TrainOptions(
+        steps=train_steps, budget_tflop=budget_tflop, budget_seconds=budget_seconds,
+        batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, seed=seed,
+        dtype=dtype, objective=objective, cond_dropout=cond_dropout, flip=flip,
+        checkpoint_every=checkpoint_every, log_every=log_every, compile=compile,
+        grad_checkpointing=grad_checkpointing, device=str(device))
+    if vae is not None:
+        from .sampling import load_vae
+        vae = load_vae(vae)
+    return run(model, data, out, size=resolution, overrides=overrides, options=options,
+               vae=vae, progress=progress)
+
+
+def study(*, file, out, smoke: bool = False, progress: bool = True) -> dict:
+    """`ptdit study` (analysis.training.study.run, then analysis.training.study_report.report):
+    the files the
+    report wrote."""
+    from .training import study as studies
+    from .training.study_report import report
+
+    spec = studies.load(file)
+    if smoke:
+        spec = studies.smoke(spec)
+    check_outputs({"--out": (out, True)})
+    studies.run(spec, out, progress=progress)
+    return report(out)
+
+
+def digits_classifier(*, size: int = 32, cache_dir=None) -> dict:
+    """`ptdit digits-classifier` (analysis.metrics.digits.main_make): trains the classifier of
+    the digits Fréchet distance and caches it; its info (test accuracy, file)."""
+    from .metrics.digits import main_make
+
+    return main_make(size, cache_dir)

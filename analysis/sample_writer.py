@@ -5,7 +5,8 @@
   run leaves finished PNGs whole and no half-written file under a final name; a sample is
   finished when all its PNGs exist, decode, and have the expected size.
 - Pixels: decoder output x in [-1, 1] -> uint8 as DiT's sample_ddp.py does,
-  clamp(127.5·x + 128, 0, 255) truncated, i.e. (x/2 + 0.5)·255 rounded half up.
+  clamp(127.5·x + 128, 0, 255) truncated, i.e. (x/2 + 0.5)·255 rounded half up. A 1-channel
+  image (a grey pixel-space model's) is written as grey: an RGB PNG with three equal channels.
 - `samples.npz` holds `arr_0`, uint8 (N, H, W, 3) for images, (N, F, H, W, 3) for video, in
   index order: the ADM evaluation-suite layout that DiT's FID numbers use.
 - `run.json` records the settings that make the pixels (model and weights, scheduler, steps,
@@ -32,7 +33,12 @@ PNG_NAME = re.compile(r"(\d{6,})(-\d{3})?\.png")
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
-    """(B, 3, H, W) decoder output in [-1, 1] -> uint8 (B, H, W, 3), rounded half up."""
+    """(B, 3, H, W) decoder output in [-1, 1] -> uint8 (B, H, W, 3), rounded half up; a
+    1-channel (B, 1, H, W) grey image gets its value in all three channels."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images must be (B, 3, H, W) RGB or (B, 1, H, W) grey, got "
+                         f"{tuple(images.shape)}")
+    images = images.expand(-1, 3, -1, -1)
     pixels = torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8)
     return pixels.permute(0, 2, 3, 1).cpu().numpy()
 

@@ -45,6 +45,11 @@ float64 models) while the model runs in its dtype; decoded (frame by frame for v
 VAE: temporal factor 1) from latents / scaling_factor (+ shift_factor). A sample whose latents
 or pixels are not finite gets no PNG, and the run's row says so (status 'error: …').
 
+Pixel space: a model trained on pixels (no VAE; in_channels 1 for grey, 3 for RGB) samples
+with vae=PixelSpace(C): factor 1, scaling factor 1, no shift, decode the identity, so the
+latents are the images in [-1, 1]; a 1-channel image is written as grey (its value in all three
+PNG channels), and run.json and the row record the VAE as "pixel space".
+
 Output: PNGs, run.json (the settings; a folder of other settings is refused) and the .npz:
 see analysis.sample_writer. The indices are visited lazily, so a run of 10^12 indices starts
 at once. Many processes: under torchrun (WORLD_SIZE > 1; analysis.distributed) rank r takes
@@ -62,6 +67,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -97,8 +103,9 @@ from .recipes import (  # noqa: F401
     resolve,
 )
 
-__all__ = ["ClassLabels", "Prompts", "class_conditions", "decode", "denoise", "encode_prompts",
-           "guide", "load_vae", "make_scheduler", "prompt_embeddings", "sample", "sample_seed"]
+__all__ = ["ClassLabels", "PixelSpace", "Prompts", "class_conditions", "decode", "denoise",
+           "encode_prompts", "guide", "load_vae", "make_scheduler", "prompt_embeddings", "sample",
+           "sample_seed", "space_of"]
 
 OnStep = Callable[[int, Tensor, Tensor, dict], None]
 
@@ -236,15 +243,55 @@ def load_vae(folder: str | os.PathLike | None):
                                          low_cpu_mem_usage=False).eval()
 
 
+@dataclasses.dataclass(frozen=True)
+class PixelSpace:
+    """The VAE stand-in of a model that works on pixels: its `channels` input channels (1 grey,
+    3 RGB) are the image in [-1, 1] itself. Factor 1, scaling factor 1, no shift, no weights;
+    decode is the identity, and a 1-channel image is written as grey (its value in all three
+    PNG channels)."""
+    channels: int
+
+    def __post_init__(self):
+        if not isinstance(self.channels, int) or isinstance(self.channels, bool) \
+                or self.channels not in (1, 3):
+            raise ValueError(f"PixelSpace channels must be 1 (grey) or 3 (RGB) image channels, "
+                             f"got {self.channels!r}")
+
+    @property
+    def config(self) -> SimpleNamespace:
+        """The AutoencoderKL config fields sampling reads: latent_channels (= channels),
+        scaling_factor 1, shift_factor 0."""
+        return SimpleNamespace(latent_channels=self.channels, scaling_factor=1.0,
+                               shift_factor=0.0)
+
+    def to(self, *args, **kwargs) -> "PixelSpace":
+        """Itself: there are no weights to move."""
+        return self
+
+
+def space_of(vae) -> str:
+    """Where a model with this `vae` works: "pixel space" (PixelSpace) or "latent space"."""
+    return "pixel space" if isinstance(vae, PixelSpace) else "latent space"
+
+
 def vae_factor(vae) -> int:
-    """Pixels per latent pixel: one halving per encoder block after the first."""
+    """Pixels per latent pixel: one halving per encoder block after the first (1 in pixel
+    space)."""
+    if isinstance(vae, PixelSpace):
+        return 1
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 @torch.no_grad()
 def decode(vae, latents: Tensor) -> Tensor:
     """Latents (B, C, h, w) -> images (B, 3, H, W); video (B, C, F, h, w) -> (B, F, 3, H, W),
-    decoded frame by frame; values nominally in [-1, 1]."""
+    decoded frame by frame; values nominally in [-1, 1]. In pixel space the latents are the
+    images, C channels (1 or 3), only moved to that layout."""
+    if isinstance(vae, PixelSpace):
+        if latents.shape[1] != vae.channels:
+            raise ValueError(f"{vae} decodes {vae.channels}-channel images, got latents "
+                             f"{tuple(latents.shape)}")
+        return latents if latents.dim() == 4 else latents.movedim(2, 1)
     scale, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
     z = latents.to(vae.dtype) / scale + shift
     if z.dim() == 4:
@@ -269,8 +316,9 @@ def latent_size(model: nn.Module, vae, resolution, frames: int | None) -> tuple[
     resolution when the VAE factor, patch or PT-DiT's windows do not divide it."""
     config, factor = model.config, vae_factor(vae)
     if vae.config.latent_channels != model.in_channels:
-        raise ValueError(f"the VAE makes {vae.config.latent_channels}-channel latents; the "
-                         f"model takes {model.in_channels}")
+        made = (f"{vae} holds {vae.channels}-channel images" if isinstance(vae, PixelSpace)
+                else f"the VAE makes {vae.config.latent_channels}-channel latents")
+        raise ValueError(f"{made}; the model takes {model.in_channels}")
     if frames is not None and (not isinstance(frames, int) or frames < 1):
         raise ValueError(f"frames must be a positive int (latent frames) or None, got {frames!r}")
     multiple, unit = (config.grid_multiple(frames or 1) if hasattr(config, "grid_multiple")
@@ -331,6 +379,8 @@ def _weights_identity(model: nn.Module, checkpoint, init_seed: int | None) -> di
 
 
 def _vae_identity(vae) -> str:
+    if isinstance(vae, PixelSpace):
+        return "pixel space"
     config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
     return hashlib.sha256((json.dumps(config, sort_keys=True, default=str)
                            + tensors_sha256(vae)).encode()).hexdigest()
@@ -385,7 +435,8 @@ def sample(model: nn.Module, *, vae, conditions, num: int, out: str | os.PathLik
     with the error as status, then raises; Ctrl-C (KeyboardInterrupt) appends nothing.
 
     model: a ptdit model, moved to `device` and cast to `dtype` in place, run in eval mode.
-    vae: an AutoencoderKL, or its folder (load_vae). conditions: ClassLabels / Prompts
+    vae: an AutoencoderKL, or its folder (load_vae), or PixelSpace(C) for a model that works
+    on C-channel pixels (recorded as "pixel space"). conditions: ClassLabels / Prompts
     (analysis.conditions), or a class label spec ("0-999"); sample i takes condition i % N.
     scheduler / steps / cfg_scale / guidance_channels: default the family's (FAMILY_RECIPES,
     SCHEDULER_STEPS); cfg_scale 1 runs unguided. resolution: pixels, a side or (height,
@@ -412,6 +463,8 @@ def sample(model: nn.Module, *, vae, conditions, num: int, out: str | os.PathLik
     vae_folder = None
     if vae is None or isinstance(vae, (str, os.PathLike)):
         vae_folder, vae = str(VAE.path(vae)), load_vae(vae)
+    if isinstance(vae, PixelSpace):
+        vae_folder = "pixel space"
     vae_folder = vae_folder or str(getattr(vae.config, "_name_or_path", "") or "in memory")
     shape = latent_size(model, vae, resolution, frames)
     size = (shape[-2] * vae_factor(vae), shape[-1] * vae_factor(vae))   # (H, W) pixels
@@ -517,7 +570,7 @@ def _sample(model, vae, conditions, vae_folder, shape, size, out: Path, store: S
             latents = denoise(model, scheduler, steps, noise, condition, cfg_scale=cfg_scale,
                               guidance_channels=guidance_channels, generators=generators,
                               on_step=on_step)
-            images = decode(vae, latents)             # (B, 3, H, W) or (B, F, 3, H, W)
+            images = decode(vae, latents)   # (B, 3, H, W) or (B, F, 3, H, W); 1 or 3 in pixels
             finite = (torch.isfinite(latents).flatten(1).all(1)
                       & torch.isfinite(images).flatten(1).all(1)).tolist()
             pixels = sample_writer.to_uint8(images.flatten(0, -4))

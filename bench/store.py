@@ -32,7 +32,8 @@ from .rows import SCHEMA_VERSION
 # runtime: bench/sweep latency, memory and profile rows; flops: `ptdit flops --store`;
 # complexity: `ptdit reproduce --store`; samples: `ptdit sample`'s OUT/samples.jsonl;
 # metrics: fid / clip-score rows; attention: `ptdit attention`'s OUT/attention.jsonl
-TABLES = ("runtime", "flops", "complexity", "samples", "metrics", "attention", "commands")
+TABLES = ("runtime", "flops", "complexity", "samples", "metrics", "attention", "commands",
+          "train", "study")
 
 _warned: set[tuple[str, int, str]] = set()   # (store, line number, line) warned about
 

@@ -58,7 +58,8 @@ def subcommands() -> dict:
 
 def test_every_package_registers_its_commands():
     assert list(subcommands()) == ["convert", "models", "flops", "reproduce", "bench", "sweep",
-                                   "report", "sample", "fid", "clip-score", "attention"]
+                                   "report", "sample", "fid", "clip-score", "attention",
+                                   "train", "study", "digits-classifier"]
 
 
 def test_no_flag_has_two_meanings():
