@@ -120,3 +120,18 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", connect)
     monkeypatch.setattr(socket.socket, "connect_ex", connect)
     return attempts
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_cache(tmp_path_factory):
+    """ptdit's cache (the digits classifier's weights) in a folder of this test session, not
+    the user's ~/.cache/ptdit."""
+    import os
+
+    before = os.environ.get("PTDIT_CACHE")
+    os.environ["PTDIT_CACHE"] = str(tmp_path_factory.mktemp("ptdit-cache"))
+    yield
+    if before is None:
+        os.environ.pop("PTDIT_CACHE", None)
+    else:
+        os.environ["PTDIT_CACHE"] = before

@@ -19,8 +19,8 @@ untracked files that git does not ignore included), so examples may read `bench/
   - `python -m bench.command_costs …` runs with every measured `ptdit` command replaced by an
     empty Python process: its arguments, the commands file, the results store and the report are
     checked, the minutes of measuring are not spent.
-  - `bench/gpu_suite.sh --dry-run` runs and must exit 0.
-  - Commands that take minutes run as their quick form instead, listed in INSTEAD.
+  - Commands that take minutes run as their quick form instead, listed in INSTEAD; commands
+    another test runs as written are checked to be in that test (ELSEWHERE), not run twice.
 - Any other language, or a command with no rule here, fails: output excerpts belong in
   Markdown tables, not in fenced blocks.
 """
@@ -53,6 +53,15 @@ INSTEAD = {
     "ptdit sweep bench/sweeps/cpu.toml --out results/cpu/cpu_sweep.jsonl --report "
     "results/cpu/report":
         "ptdit sweep bench/sweeps/cpu.toml --dry-run --out results/cpu/cpu_sweep.jsonl",
+}
+
+# Documented commands that another test already runs as written: (test file, the function or
+# fixture that runs it). The line is checked to appear in that function's source, not run twice.
+ELSEWHERE = {
+    "bench/gpu_suite.sh --dry-run":
+        ("test_sweep.py", "test_the_gpu_suite_dry_run_runs_the_same_grid_tiny_on_the_cpu"),
+    "ptdit study analysis/studies/digits.toml --out study-smoke --smoke": ("test_study.py",
+                                                                           "smoke"),
 }
 
 # ptdit's one-line error about a missing input file, folder or weights
@@ -141,10 +150,11 @@ def clone(tmp_path, files) -> Path:
 
 def environment(tmp: Path) -> dict[str, str]:
     """The reader's environment without ptdit's weight variables, offline, the venv's commands
-    first, temporary files inside the test's folder."""
+    first, temporary files and ptdit's cache (the digits classifier) inside the test's
+    folder."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PTDIT_")}
     return {**env, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
-            "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)}
+            "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT), "PTDIT_CACHE": str(tmp / "cache")}
 
 
 def free_port() -> int:
@@ -201,8 +211,29 @@ def in_process(argv: list[str], cwd: Path, env: dict[str, str],
                                        err.getvalue() + shown)
 
 
+def runs_elsewhere(line: str) -> bool:
+    """Whether `line` is one that another test runs (ELSEWHERE): its test function holds the
+    command's words (the study file and --smoke, or the script and its flag)."""
+    if line not in ELSEWHERE:
+        return False
+    module, function = ELSEWHERE[line]
+    source = (ROOT / "tests" / module).read_text()
+    body = re.search(rf"^def {function}\(.*?(?=^\S)", source + "\nend", re.S | re.M)
+    assert body, f"{module} has no function {function} (ELSEWHERE[{line!r}])"
+    words = [w for w in shlex.split(line) if w not in ("ptdit", "--out", "study-smoke")]
+    constants = dict(re.findall(r'^([A-Z_]+) = "([^"]+)"', source, re.M))
+    text = body.group(0)
+    for name, value in constants.items():
+        text = text.replace(name, value)
+    missing = [w for w in words if w not in text]
+    assert not missing, f"{module}::{function} does not run {missing} of `{line}`"
+    return True
+
+
 def run_line(line: str, cwd: Path, monkeypatch) -> None:
     line = INSTEAD.get(" ".join(line.split()), line)
+    if runs_elsewhere(" ".join(line.split())):
+        return
     assignments, words = split(line)
     env = {**environment(cwd.parent), **assignments}
     program = words[0]
@@ -232,10 +263,6 @@ def run_line(line: str, cwd: Path, monkeypatch) -> None:
         monkeypatch.setattr(command_costs, "_child",
                             lambda argv: [sys.executable, "-S", "-c", "pass"])
         assert command_costs.main(words[3:]) == 0, line
-    elif program == "bench/gpu_suite.sh" and words[1:] == ["--dry-run"]:
-        done = subprocess.run([str(cwd / program), *words[1:]], cwd=cwd, env=env,
-                              capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, f"`{line}` -> exit {done.returncode}\n{done.stderr}"
     else:
         pytest.fail(f"no rule for `{line}`: give it one in tests/test_docs.py")
 
@@ -263,6 +290,7 @@ def test_python_blocks_run(doc, clone, monkeypatch):
     monkeypatch.chdir(clone)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("PTDIT_CACHE", str(clone.parent / "cache"))
     namespace = {"__name__": "__main__"}
     for block in (b for b in BLOCKS if b.doc == doc and b.language in PYTHON):
         exec(compile(block.text, block.name, "exec"), namespace)

@@ -21,7 +21,8 @@ def load_strip():
 
 def test_the_notebooks_are_there():
     assert {p.name for p in PATHS} >= {"complexity.ipynb", "runtime.ipynb",
-                                       "attention_similarity.ipynb", "quality.ipynb"}
+                                       "attention_similarity.ipynb", "quality.ipynb",
+                                       "training_study.ipynb"}
 
 
 @pytest.mark.parametrize("path", PATHS, ids=[p.name for p in PATHS])

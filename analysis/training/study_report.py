@@ -51,14 +51,17 @@ def final_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def attention_table(frame: pd.DataFrame, metric: str = "cosine") -> pd.DataFrame:
     """Per arm, weights (untrained: the initialisation; trained: the last evaluation point)
-    and window: `metric` within windows, its position-matched and random-pair baselines and
-    the differences, mean over the analysed steps."""
+    and window (smaller than the grid): `metric` within windows, its position-matched and
+    random-pair baselines and the differences, mean over the analysed steps."""
     attention = frame[(frame.kind == "attention") & (frame.status == "ok")]
     attention = attention[attention.metric == metric] if "metric" in attention else attention
     if attention.empty:
         return pd.DataFrame()
     last = attention.groupby("arm").point.transform("max")
     attention = attention[(attention.weights == "untrained") | (attention.point == last)]
+    # a window as large as the grid has no other windows: within = random, nothing to compare
+    whole = attention.apply(lambda r: f", {r.window} " in f"{r.attention} ", axis=1)
+    attention = attention[~whole]
     grouped = attention.groupby(["arm", "weights", "steps_done", "attention", "window"],
                                 sort=False)[["within", "position_matched", "random_pairs"]]
     table = grouped.mean().reset_index()
@@ -84,10 +87,12 @@ def markdown(frame: pd.DataFrame, figures: dict[str, Path]) -> str:
              "## Each arm at the end of each regime", "",
              _markdown_table(final_table(frame)), ""]
     for metric, what in (("cosine", "cosine similarity of attention rows (higher: more alike)"),
-                         ("js", "Jensen–Shannon divergence of attention rows (lower: more "
-                                "alike)"),
+                         ("js_divergence_nats", "Jensen–Shannon divergence of attention rows, "
+                                                "nats (lower: more alike)"),
                          ("replacement_error", "error of replacing each row by its window's "
-                                               "mean row (lower: more redundant)")):
+                                               "mean row (lower: more redundant)"),
+                         ("output_error", "error of the attention output (A·V) with each row "
+                                          "replaced by its window's mean row")):
         table = attention_table(frame, metric)
         if not table.empty:
             lines += [f"## Window similarity: {what}", "",
