@@ -385,7 +385,7 @@ def add_study(sub) -> None:
         "samples' class accuracy; the forward latency of each architecture; window "
         "similarity of each arm's trained and untrained weights. Resumable: rerun the same "
         "command and finished work is kept. Writes OUT/study.jsonl, study.md, study.csv, "
-        "attention.csv and figures.")
+        "attention.csv, attention_layers.csv and figures.")
     p.add_argument("file", metavar="FILE.toml", help="the study file")
     p.add_argument("--out", required=True, metavar="DIR", help="the study's folder")
     p.add_argument("--smoke", action="store_true", help="the same study shrunk to run in a "

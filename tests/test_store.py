@@ -124,7 +124,7 @@ def test_a_torn_line_is_warned_about_once_per_process(tmp_path):
 
 def test_an_unknown_table_is_refused_naming_the_nearest():
     with pytest.raises(ValueError, match=r"unknown results table 'runtimes'; allowed: runtime, "
-                       r"flops, .*, commands \(nearest: runtime\)"):
+                       r"flops, .*, study \(nearest: runtime\)"):
         Store("rows.jsonl", "runtimes")
 
 

@@ -101,7 +101,9 @@ def test_smoke_study_analyses_attention_along_training(smoke):
     skipped = skipped[skipped.kind == "attention"]
     assert len(skipped) == 3 and skipped.status.str.startswith("skipped: no attention").all()
     assert "DiT on photos" in set(attention.arm)
-    for name in ("study.md", "study.csv", "attention.csv", "fd_vs_tflop.png", "fd_vs_time.png",
+    assert set(dit.layer) == {0}          # the smoke study's models have one block
+    for name in ("study.md", "study.csv", "attention.csv", "attention_layers.csv",
+                 "fd_vs_tflop.png", "fd_vs_time.png",
                  "samples_grid.png", "similarity_vs_step.png"):
         assert (smoke / name).is_file(), name
     assert "fd_digits_classifier" in (smoke / "study.md").read_text()

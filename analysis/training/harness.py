@@ -1,5 +1,5 @@
 """Training any ptdit model on an image set: resumable, on one or many processes, for a number
-of steps or a closed-form FLOP budget, logged to a results store.
+of steps, a closed-form FLOP budget or a time budget, logged to a results store.
 
     from analysis.training.harness import TrainOptions, train, checkpoint_info
     row = train("DiT-S/2", "digits", "runs/dit-s", size=32,
@@ -35,16 +35,16 @@ Conventions
   global batch takes the next batch_size positions, running on into the next epoch; the
   position (epoch, index) is checkpointed. Per step, one generator (seeded from the seed,
   checkpointed) draws in this order: flips (B,) if `flip`, drops (B,) if cond_dropout > 0,
-  analysis.training.objectives.draw (t, u), then the noise (B, C, h, w). The models run in eval
-  mode:
-  their own label / caption dropout would draw from each rank's global generator.
+  analysis.training.objectives.draw (t, u), then the noise (B, C, h, w). The models run in
+  eval mode: their own label / caption dropout would draw from each rank's global generator.
 - Batches: the global batch (batch_size images per optimizer step) is split into grad_accum
   micro-batches, and each of those over the ranks; the gradient is that of the global batch's
   mean loss (each micro-batch's mean / grad_accum, averaged over ranks by DDP).
 - Cost: training FLOPs per step = 3 × the closed-form forward FLOPs of the global batch
   (forward + backward ≈ 2 × forward; ptdit.complexity, every matmul with attention, 2 FLOPs per
   MAC); the same count with gradient checkpointing (which recomputes the forward). budget_tflop
-  gives floor(budget / per-step) steps.
+  gives floor(budget / per-step) steps; budget_seconds stops after the step on which the
+  training time (checkpoint writing excluded) reaches it.
 - Output, in `out`: run.json (the settings of the run), checkpoint.pt (the full training state,
   written atomically every checkpoint_every steps, at the end and when SIGINT / SIGTERM stops
   the run), ema.safetensors (the EMA weights in ptdit's format, `ptdit.load`), its training
@@ -55,7 +55,8 @@ Conventions
 - Resume: a folder holding another run (model, config, data, space or an option that changes
   the arithmetic) is refused; the same run continues from its checkpoint, bit for bit as if it
   had never stopped (fp32, same device and thread count). steps / budget_tflop, log_every,
-  checkpoint_every, compile, grad_checkpointing and device may change between sessions.
+  checkpoint_every, compile, grad_checkpointing and device may change between sessions
+  (budget_seconds too: a finished timed run trains on when given more time).
 """
 
 import contextlib

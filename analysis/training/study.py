@@ -28,8 +28,9 @@ A study file (TOML) holds:
 Rows (bench.store table "study", `study.jsonl` in the output folder): one per evaluation
 (`kind` "evaluation": arm, regime, step, training TFLOP and wall seconds so far, the loss, fd,
 its floor, sample accuracy, forward latency) and one per attention summary (`kind`
-"attention": arm, weights trained/untrained, window, metric, the value within windows and its
-two baselines). A rerun skips what the store already holds and resumes unfinished training.
+"attention": arm, weights trained/untrained, evaluation point, window, metric, analysed step
+and layer, the value within windows and its two baselines). A rerun skips what the store
+already holds and resumes unfinished training.
 """
 
 import dataclasses
@@ -335,8 +336,8 @@ def _attention(study: Study, arm: Arm, label: str, folder: Path, images: Path, o
     """Window similarity of the run's current EMA weights (evaluation `point`) — and, at the
     first point, of their untrained initialisation (the same seed and config: point 0) — on
     real held-out images noised to the sampler's timesteps. One row per weights, window,
-    metric and analysed step: the value within windows and its two baselines, mean over
-    layers, heads and images."""
+    metric, analysed step and layer: the value within windows and its two baselines, mean over
+    heads and images."""
     weights = folder / EMA_FILE
     info = checkpoint_info(weights)
     trained = ptdit.load(weights)
@@ -368,17 +369,18 @@ def _attention(study: Study, arm: Arm, label: str, folder: Path, images: Path, o
             figures=False)
         frame = result.frame()
         frame = frame[(frame.status == "ok") & (frame.branch == "cond")]
-        for (window, metric, step), rows in frame.groupby(["window", "metric", "step"]):
+        groups = frame.groupby(["window", "metric", "step", "layer"])
+        for (window, metric, step, layer), rows in groups:
             keep(_row(study, arm, label, "flops", kind="attention", weights=weights_kind,
                       point=at, steps_done=info["step"] if at else 0,
                       attention=f"{rows.kind.iloc[0]} self-attention, {rows.grid.iloc[0]} "
                       f"{'proxies' if rows.kind.iloc[0] == 'proxy' else 'tokens'}",
-                      window=window, metric=metric, step=int(step),
+                      window=window, metric=metric, step=int(step), layer=int(layer),
                       timestep=float(rows.timestep.iloc[0]), within=rows.value.mean(),
                       position_matched=rows.baseline_position_matched.mean(),
                       random_pairs=rows.baseline_random.mean(),
                       matched_share=rows.position_matched_fraction.mean(),
-                      layers=int(rows["layer"].nunique()), heads=int(rows["head"].nunique())))
+                      heads=int(rows["head"].nunique())))
 
 
 def _slug(text: str) -> str:

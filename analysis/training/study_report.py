@@ -23,13 +23,13 @@ REGIME_NAMES = {"flops": "equal FLOPs", "time": "equal time"}
 
 def rows(out: str | os.PathLike) -> pd.DataFrame:
     """The study's ok rows, the latest of each (kind, arm, regime, point, weights, window,
-    metric, step)."""
+    metric, step, layer)."""
     frame = Store(Path(out) / STUDY_ROWS, "study").frame()
     if frame.empty:
         raise ValueError(f"{out} holds no study rows ({STUDY_ROWS})")
     frame = frame[frame.status == "ok"]
-    keys = [k for k in ("kind", "arm", "regime", "point", "weights", "window", "metric", "step")
-            if k in frame]
+    keys = [k for k in ("kind", "arm", "regime", "point", "weights", "window", "metric", "step",
+                        "layer") if k in frame]
     return frame.drop_duplicates(subset=keys, keep="last")
 
 
@@ -68,6 +68,22 @@ def attention_table(frame: pd.DataFrame, metric: str = "cosine") -> pd.DataFrame
     table["within − position-matched"] = table.within - table.position_matched
     table["within − random"] = table.within - table.random_pairs
     return table.rename(columns={"steps_done": "training steps"})
+
+
+def layer_table(frame: pd.DataFrame, metric: str = "cosine") -> pd.DataFrame:
+    """Per arm, weights, window, analysed step and layer: `metric` within windows and its two
+    baselines (untrained, and trained at the last evaluation point), mean over heads and
+    images: where in the network and when in sampling the windows' rows are alike."""
+    attention = frame[(frame.kind == "attention") & (frame.status == "ok")]
+    if attention.empty or "layer" not in attention:
+        return pd.DataFrame()
+    attention = attention[attention.metric == metric]
+    last = attention.groupby("arm").point.transform("max")
+    attention = attention[(attention.weights == "untrained") | (attention.point == last)]
+    columns = ["arm", "weights", "steps_done", "window", "step", "timestep", "layer", "within",
+               "position_matched", "random_pairs"]
+    return attention[columns].rename(columns={"steps_done": "training steps",
+                                              "step": "analysed step"}).reset_index(drop=True)
 
 
 def _markdown_table(table: pd.DataFrame, digits: int = 3) -> str:
@@ -128,8 +144,10 @@ def report(out: str | os.PathLike) -> dict[str, Path]:
     figures["samples, one row per arm (equal FLOPs), in the table's order"] = sample_grid(
         folders, out / "samples_grid.png")
     written = {"study.md": out / "study.md", "study.csv": out / "study.csv",
-               "attention.csv": out / "attention.csv", **figures}
+               "attention.csv": out / "attention.csv",
+               "attention_layers.csv": out / "attention_layers.csv", **figures}
     final_table(frame).to_csv(out / "study.csv", index=False)
     attention_table(frame).to_csv(out / "attention.csv", index=False)
+    layer_table(frame).to_csv(out / "attention_layers.csv", index=False)
     (out / "study.md").write_text(markdown(frame, figures))
     return written
