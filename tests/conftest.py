@@ -2,6 +2,7 @@
 seed 0)."""
 
 import json
+import os
 import random
 import socket
 import subprocess
@@ -126,8 +127,6 @@ def no_network(monkeypatch):
 def _own_cache(tmp_path_factory):
     """ptdit's cache (the digits classifier's weights) in a folder of this test session, not
     the user's ~/.cache/ptdit."""
-    import os
-
     before = os.environ.get("PTDIT_CACHE")
     os.environ["PTDIT_CACHE"] = str(tmp_path_factory.mktemp("ptdit-cache"))
     yield

@@ -57,8 +57,8 @@ from ..metrics.digits import fd_digits
 from ..sampling import PixelSpace, sample
 from .datasets import load as load_data
 from .harness import EMA_FILE, TrainOptions, checkpoint_info, train
+from .study_report import STUDY_ROWS
 
-STUDY_ROWS = "study.jsonl"
 TOP = ("dataset", "size", "seed", "model", "train", "regimes", "evaluate", "attention", "arm",
        "photos", "name")
 REGIMES = ("flops", "time")
@@ -78,7 +78,7 @@ class Arm:
 
     @property
     def slug(self) -> str:
-        return re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+        return _slug(self.name)
 
 
 @dataclass(frozen=True)
